@@ -1,0 +1,34 @@
+# Two commands from a fresh clone: `make train` (the embedded default run) and `make test`.
+# Both bootstrap .venv. torch is installed first, pinned (constraints.txt), only when the venv
+# has none: an unpinned torch pulls several GB of CUDA packages on a CPU machine. On a GPU
+# machine, install your CUDA torch into .venv first (or set PYTHON to an env that has it).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= dev,deepspeed,bnb,torchao,trackers
+
+.PHONY: train test lint venv clean
+
+$(VENV)/.stamp-base: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.stamp-dev: $(VENV)/.stamp-base
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+venv: $(VENV)/.stamp-base
+
+train: $(VENV)/.stamp-base  ## the embedded default run (no network, ~3 min on 2 CPU cores)
+	$(PY) dtrain/train.py $(ARGS)
+
+test: $(VENV)/.stamp-dev  ## the whole suite, multi-process cases included
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.stamp-dev
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,34 @@
+"""The `dtrain` console script: `dtrain train [flags]` runs dtrain/train.py in this process."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: dtrain <command> [args]
+
+commands:
+  train   run the training script (same flags as `python dtrain/train.py`; --help lists them)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from dtrain.train import run
+
+        return run(rest)
+    if command in ("-V", "--version"):
+        from dtrain import __version__
+
+        print(f"dtrain {__version__}")
+        return 0
+    print(f"dtrain: error: unknown command '{command}'; see `dtrain --help`", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

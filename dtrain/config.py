@@ -1,0 +1,431 @@
+"""The run configuration: typed sections, parsing, validation. Imports nothing of dtrain.
+
+The dataclass defaults below *are* the embedded default run (`python dtrain/train.py` with no
+arguments); recipes in `dtrain/recipes/` and command-line flags override them. Parsing is done
+by jsonargparse: `--config recipe.yaml`, then dotted overrides in either form
+(`--train.max_steps 50`, `--train.max_steps=50`), `--print_config` to show the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+
+class UserError(Exception):
+    """A problem the user can fix (config, data, paths): printed as one line, no traceback, exit 2."""
+
+
+class ConfigError(UserError):
+    """A problem in the config itself, found before anything is loaded."""
+
+
+# --------------------------------------------------------------------------------------------
+# The schema. One docstring under every field: it is the --help text.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = None
+    """Local directory or hub id of any AutoModelForCausalLM; null builds the embedded tiny Llama."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id; null = same as name_or_path (or the embedded char tokenizer)."""
+    trust_remote_code: bool = False
+    """Allow model/tokenizer code from the hub repo to run. Off unless you trust the repo."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the weights are loaded in. Keep float32 with mixed precision (fp32 master weights)."""
+    attn_implementation: str | None = None
+    """Attention kernel (sdpa, eager, flash_attention_2); null lets transformers choose."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: ~30% slower, far less activation memory."""
+    hidden_size: int = 128
+    """Embedded model only: width."""
+    num_layers: int = 4
+    """Embedded model only: decoder layers."""
+    num_heads: int = 4
+    """Embedded model only: attention heads (hidden_size must divide evenly)."""
+    intermediate_size: int = 512
+    """Embedded model only: MLP width (~4 x hidden_size)."""
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    """Train data: local json/jsonl/csv/parquet file, a `datasets.save_to_disk` directory, or a hub
+    dataset name. null generates the embedded synthetic tasks into <output_dir>/data/."""
+    eval_path: str | None = None
+    """Eval data (same forms as path). null holds out eval_fraction of path (or the synthetic eval set)."""
+    eval_fraction: float = 0.02
+    """Fraction of the train data held out for eval when eval_path is null (seeded split)."""
+    split: str = "train"
+    """Split to read from hub datasets or DatasetDicts."""
+    template: Literal["alpaca", "chat", "text"] = "chat"
+    """chat: the tokenizer's chat template over a messages column; alpaca: instruction/input/output
+    columns; text: plain pretraining text. Only responses are trained on (chat, alpaca)."""
+    text_column: str = "text"
+    """Column read by the text template."""
+    messages_column: str = "messages"
+    """Column read by the chat template (list of {role, content})."""
+    max_length: int = 128
+    """Tokens per example; longer examples are truncated (and counted in the log), never dropped."""
+    num_workers: int = 0
+    """DataLoader worker processes (0 = load in the training process)."""
+    synthetic_tasks: list[str] = field(default_factory=lambda: ["reverse", "sort", "add", "upper"])
+    """Embedded data only: which tasks to generate (reverse, sort, add, upper, copy)."""
+    synthetic_train_examples: int = 20000
+    """Embedded data only: number of training examples."""
+    synthetic_eval_examples: int = 256
+    """Embedded data only: held-out eval examples (prompts never seen in training)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int | None = 700
+    """Optimizer steps (not micro-steps). Set null and use num_epochs to size by data instead."""
+    num_epochs: float | None = None
+    """Passes over the train data; only when max_steps is null."""
+    seed: int = 42
+    """Seeds model init, data order and dropout; the same seed reproduces the run."""
+    per_device_batch_size: int = 32
+    """Examples per micro-batch per process. Global batch = this x accumulation x processes."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    """null = whatever the launch config says (accelerate config / --mixed_precision)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"] = "adamw"
+    """Optimizer. The 8-bit ones need bitsandbytes (pip extra `bnb`)."""
+    lr: float = 3e-3
+    """Peak learning rate (after warmup). 3e-3 suits the embedded tiny model; ~1e-5..2e-4 for fine-tuning."""
+    head_lr: float | None = None
+    """Separate peak learning rate for the output head (lm_head); null = lr."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay; never applied to biases, norm weights or embeddings of size 1-D."""
+    beta1: float = 0.9
+    """Adam beta1 (SGD: momentum)."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    scheduler: Literal["linear", "cosine", "cosine_with_restarts", "constant_with_warmup", "wsd"] = "cosine"
+    """Learning-rate schedule after warmup. wsd = warmup, stable, then decay over decay_fraction."""
+    warmup_steps: int | None = None
+    """Warmup in optimizer steps; overrides warmup_ratio when set."""
+    warmup_ratio: float = 0.05
+    """Warmup as a fraction of max_steps (used when warmup_steps is null)."""
+    min_lr_ratio: float = 0.0
+    """cosine and wsd: final lr as a fraction of lr."""
+    decay_fraction: float = 0.2
+    """wsd: fraction of max_steps spent decaying at the end."""
+    num_cycles: int = 2
+    """cosine_with_restarts: number of hard restarts."""
+
+
+@dataclass
+class EvalConfig:
+    steps: int = 350
+    """Evaluate every this many optimizer steps (0 = only at the end). Always evaluates at the end."""
+    batch_size: int | None = None
+    """Eval micro-batch per process; null = train.per_device_batch_size."""
+    metric: Literal["loss", "exact_match"] = "loss"
+    """Metric tracked for `best` and early stopping. exact_match needs references (alpaca/chat)."""
+    num_generate: int = 256
+    """Eval prompts answered greedily for exact match (0 disables the task metric)."""
+    max_new_tokens: int = 24
+    """Longest generated answer."""
+    early_stopping_patience: int = 0
+    """Stop after this many evals without improvement of `metric` (0 disables)."""
+    num_samples: int = 4
+    """Sample generations printed and saved to samples.jsonl at the end."""
+
+
+@dataclass
+class CheckpointConfig:
+    save_steps: int = 350
+    """Save a resumable checkpoint every this many optimizer steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted only after a newer one is committed."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in output_dir (fresh start if none);
+    never: always start fresh; or a checkpoint directory path."""
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 25
+    """Log (and sync device metrics to the host) every this many optimizer steps."""
+    report_to: Literal["none", "tensorboard", "wandb", "trackio", "mlflow"] = "none"
+    """Tracker used through Accelerate's log_with (besides metrics.jsonl, which is always written)."""
+    project: str = "dtrain"
+    """Tracker project name."""
+    progress_bar: bool = True
+    """Show a progress bar on the main process."""
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    """Run directory: config.yaml, run_info.json, metrics.jsonl, checkpoints/, final/."""
+    overwrite_output_dir: bool = False
+    """Start over in an output_dir that holds an earlier run (its dtrain files are removed)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_SECTION_CLASSES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "optim": OptimConfig,
+    "eval": EvalConfig,
+    "checkpoint": CheckpointConfig,
+    "log": LogConfig,
+}
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, e.g. `train.max_steps`."""
+    keys = ["output_dir", "overwrite_output_dir"]
+    for section, cls in _SECTION_CLASSES.items():
+        keys += [f"{section}.{f.name}" for f in fields(cls)]
+    return keys
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(
+        prog="dtrain train",
+        description="Train a causal LM with one Accelerate loop. Flags override --config; "
+        "both `--train.max_steps 50` and `--train.max_steps=50` work.",
+        exit_on_error=False,
+        default_meta=False,
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML recipe (e.g. a run's config.yaml).")
+    top = {f.name: f for f in fields(Config)}
+    for name in ("output_dir", "overwrite_output_dir"):
+        parser.add_argument(f"--{name}", type=type(top[name].default), default=top[name].default, help=_TOP_DOCS[name])
+    for section, cls in _SECTION_CLASSES.items():
+        parser.add_class_arguments(cls, section, sub_configs=False)
+    return parser
+
+
+_TOP_DOCS = {  # jsonargparse reads section docstrings itself; the two top-level flags are added by hand
+    "output_dir": "Run directory: config.yaml, run_info.json, metrics.jsonl, checkpoints/, final/.",
+    "overwrite_output_dir": "Start over in an output_dir holding an earlier run (its dtrain files are removed).",
+}
+
+
+_UNKNOWN_PATTERNS = [
+    re.compile(r"unrecognized arguments: (--?[\w.\-]+)"),
+    re.compile(r"Group '(\w+)' does not accept option '([\w\-]+)'"),
+    re.compile(r"Option '([\w.\-]+)' is not accepted"),
+    re.compile(r"Key '([\w.\-]+)' is not expected"),
+]
+
+
+def _explain_parse_error(message: str) -> str:
+    """Turn a jsonargparse error into one line that names the key and the closest valid one."""
+    first = message.strip().splitlines()[0] if message.strip() else message
+    for pattern in _UNKNOWN_PATTERNS:
+        m = pattern.search(message)
+        if not m:
+            continue
+        key = ".".join(m.groups()).lstrip("-")
+        if "=" in key:
+            key = key.split("=", 1)[0]
+        close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+        if not close:  # a misspelt section: match on the field name alone
+            tail = key.split(".")[-1]
+            close = [k for k in all_keys() if k.endswith("." + tail)][:1]
+        hint = f"; did you mean '{close[0]}'?" if close else f"; valid sections: {', '.join(_SECTION_CLASSES)}"
+        return f"unknown config key '{key}'{hint}"
+    m = re.search(r'Parser key "([\w.]+)":\s*(.*)', message, re.S)
+    if m:
+        detail = " ".join(m.group(2).split())
+        detail = re.sub(r"<class '(\w+)'>", r"\1", detail)
+        return f"bad value for '{m.group(1)}': {detail[:300]}"
+    return " ".join(first.split())
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Parse recipe + overrides into a validated Config. Raises ConfigError (one line) on any problem.
+
+    `--print_config` prints the resolved YAML and exits 0 (after validation).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    print_config = False
+    if "--print_config" in argv:
+        argv.remove("--print_config")
+        print_config = True
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(argv)
+    except argparse.ArgumentError as exc:
+        raise ConfigError(_explain_parse_error(str(exc))) from None
+    except SystemExit:  # --help
+        raise
+    except Exception as exc:  # a YAML file that does not parse, a missing --config file
+        raise ConfigError(_explain_parse_error(str(exc))) from None
+    cfg = Config(
+        output_dir=ns.output_dir,
+        overwrite_output_dir=ns.overwrite_output_dir,
+        **{section: cls(**vars(ns[section])) for section, cls in _SECTION_CLASSES.items()},
+    )
+    problems = validate(cfg)
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+    if print_config:
+        print(cfg.to_yaml(), end="")
+        raise SystemExit(0)
+    return cfg
+
+
+def load_config_file(path: str | os.PathLike) -> Config:
+    """Read a saved config.yaml (e.g. next to a checkpoint) through the same parser."""
+    return parse_config(["--config", str(path)])
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: every cross-field problem is collected and reported at once, before anything loads.
+# --------------------------------------------------------------------------------------------
+
+_LOCAL_PREFIXES = (".", "/", "~")
+
+
+_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+
+
+def looks_local(path: str) -> bool:
+    """A path the user clearly meant as local (hub ids look like `org/name`, with no data-file suffix)."""
+    return (
+        path.startswith(_LOCAL_PREFIXES)
+        or path.count("/") > 1
+        or path.lower().endswith(_DATA_SUFFIXES)
+        or (os.sep != "/" and os.sep in path)
+    )
+
+
+def validate(cfg: Config) -> list[str]:
+    p: list[str] = []
+    t, o, d, e, c, lg, m = cfg.train, cfg.optim, cfg.data, cfg.eval, cfg.checkpoint, cfg.log, cfg.model
+
+    def positive(name: str, value, allow_zero: bool = False) -> None:
+        if value is None:
+            return
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            p.append(f"--{name} must be {bound} (got {value})")
+
+    positive("train.per_device_batch_size", t.per_device_batch_size)
+    positive("train.gradient_accumulation_steps", t.gradient_accumulation_steps)
+    positive("train.max_steps", t.max_steps)
+    positive("train.num_epochs", t.num_epochs)
+    positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
+    positive("data.max_length", d.max_length)
+    positive("data.num_workers", d.num_workers, allow_zero=True)
+    positive("data.synthetic_train_examples", d.synthetic_train_examples)
+    positive("data.synthetic_eval_examples", d.synthetic_eval_examples)
+    positive("optim.lr", o.lr)
+    positive("optim.head_lr", o.head_lr)
+    positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    positive("optim.num_cycles", o.num_cycles)
+    positive("eval.steps", e.steps, allow_zero=True)
+    positive("eval.batch_size", e.batch_size)
+    positive("eval.num_generate", e.num_generate, allow_zero=True)
+    positive("eval.max_new_tokens", e.max_new_tokens)
+    positive("eval.early_stopping_patience", e.early_stopping_patience, allow_zero=True)
+    positive("eval.num_samples", e.num_samples, allow_zero=True)
+    positive("checkpoint.save_steps", c.save_steps, allow_zero=True)
+    positive("checkpoint.keep_last", c.keep_last)
+    positive("log.every_steps", lg.every_steps)
+
+    if t.max_steps is None and t.num_epochs is None:
+        p.append("set one of --train.max_steps or --train.num_epochs")
+    if t.max_steps is not None and t.num_epochs is not None:
+        p.append("can't use both --train.max_steps and --train.num_epochs; set one to null")
+    for name, value in (("optim.warmup_ratio", o.warmup_ratio), ("optim.min_lr_ratio", o.min_lr_ratio)):
+        if not 0.0 <= value < 1.0:
+            p.append(f"--{name} must be in [0, 1) (got {value})")
+    if not 0.0 < o.decay_fraction <= 1.0:
+        p.append(f"--optim.decay_fraction must be in (0, 1] (got {o.decay_fraction})")
+    if not 0.0 < d.eval_fraction < 1.0:
+        p.append(f"--data.eval_fraction must be in (0, 1) (got {d.eval_fraction})")
+    if t.max_steps is not None and o.warmup_steps is not None and o.warmup_steps >= t.max_steps:
+        p.append(f"--optim.warmup_steps ({o.warmup_steps}) must be < --train.max_steps ({t.max_steps})")
+    if d.template == "text" and e.metric == "exact_match":
+        p.append("--eval.metric exact_match needs references; the text template has none: use --eval.metric loss")
+    if e.metric == "exact_match" and e.num_generate == 0:
+        p.append("--eval.metric exact_match needs --eval.num_generate > 0")
+    if e.early_stopping_patience and not e.steps:
+        p.append("--eval.early_stopping_patience needs periodic eval: set --eval.steps > 0")
+    if m.name_or_path is None:
+        if m.num_heads and m.hidden_size % m.num_heads:
+            p.append(f"--model.hidden_size ({m.hidden_size}) must be divisible by --model.num_heads ({m.num_heads})")
+        for task in d.synthetic_tasks:
+            if task not in SYNTHETIC_TASKS:
+                p.append(f"--data.synthetic_tasks: unknown task '{task}' (choose from {', '.join(SYNTHETIC_TASKS)})")
+        if d.path is None and d.template == "text":
+            p.append("the embedded synthetic data has chat and alpaca columns, no text: use --data.template chat or alpaca")
+    elif m.name_or_path and looks_local(m.name_or_path) and not Path(m.name_or_path).expanduser().exists():
+        p.append(f"--model.name_or_path: directory '{m.name_or_path}' does not exist; give a local model dir or a hub id")
+    if m.tokenizer and looks_local(m.tokenizer) and not Path(m.tokenizer).expanduser().exists():
+        p.append(f"--model.tokenizer: '{m.tokenizer}' does not exist")
+    for name, value in (("data.path", d.path), ("data.eval_path", d.eval_path)):
+        if value and looks_local(value) and not Path(value).expanduser().exists():
+            p.append(f"--{name}: file '{value}' does not exist; give a json/jsonl/csv/parquet file, a saved dataset dir or a hub dataset name")
+    if m.name_or_path is not None and d.path is None:
+        p.append("--data.path is required with --model.name_or_path (the embedded data needs the embedded tokenizer)")
+    if c.resume not in ("auto", "never") and not Path(c.resume).expanduser().is_dir():
+        p.append(f"--checkpoint.resume: '{c.resume}' is not auto, never or an existing checkpoint directory")
+    return p
+
+
+# Kept here (not in tasks.py) so validation needs no import of the task generators.
+SYNTHETIC_TASKS = ("reverse", "sort", "add", "upper", "copy")
+
+
+def flatten(obj, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}; for trackers, which want flat scalars."""
+    if is_dataclass(obj):
+        obj = asdict(obj)
+    out = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+    return out

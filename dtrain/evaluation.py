@@ -1,0 +1,78 @@
+"""Eval: token-weighted loss over the eval set and exact match of greedy answers, across ranks.
+
+Every rank runs the same number of forward passes (shards are padded), because sharded models
+(FSDP, ZeRO-3) need all ranks in every forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dtrain.data import Collator, eval_batches, rank_shard
+from dtrain.modeling import count_targets, token_loss_sum
+from dtrain.tasks import exact_match
+
+
+@torch.no_grad()
+def eval_loss(accelerator, model, dataset, batch_size: int, collator: Collator) -> float:
+    sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for batch in eval_batches(dataset, batch_size, accelerator.process_index, accelerator.num_processes, collator):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        sums += torch.stack([token_loss_sum(logits, batch["labels"]).double(), count_targets(batch["labels"]).double()])
+    loss_sum, targets = accelerator.reduce(sums, reduction="sum").tolist()
+    return loss_sum / max(targets, 1.0)
+
+
+@torch.no_grad()
+def generate_answers(accelerator, model, tokenizer, items: list[dict], batch_size: int, max_new_tokens: int) -> tuple[dict, list[dict]]:
+    """Greedy answers for `items` (prompt_ids, reference, task), split across ranks.
+
+    Returns ({"exact_match": x, "exact_match/<task>": x, ...}, this rank's predictions).
+    """
+    if not items:
+        return {}, []
+    world, rank = accelerator.num_processes, accelerator.process_index
+    tasks = sorted({it["task"] for it in items})
+    mine, real = rank_shard(items, rank, world)
+    unwrapped = accelerator.unwrap_model(model)
+    pad = tokenizer.pad_token_id
+    counts = torch.zeros(2 * len(tasks), dtype=torch.float64, device=accelerator.device)  # correct, total per task
+    predictions = []
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start : start + batch_size]
+        width = max(len(it["prompt_ids"]) for it in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, it in enumerate(chunk):  # left padding: every prompt ends where generation starts
+            n = len(it["prompt_ids"])
+            ids[i, width - n :] = torch.as_tensor(it["prompt_ids"])
+            mask[i, width - n :] = 1
+        out = unwrapped.generate(
+            input_ids=ids.to(accelerator.device),
+            attention_mask=mask.to(accelerator.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=world > 1,  # sharded weights: ranks keep stepping until all are done
+        )
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        for j, (it, text) in enumerate(zip(chunk, texts, strict=True)):
+            if start + j >= real:
+                continue
+            ok = exact_match(text, it["reference"])
+            t = tasks.index(it["task"])
+            counts[2 * t] += float(ok)
+            counts[2 * t + 1] += 1.0
+            predictions.append({"task": it["task"], "prompt": tokenizer.decode(it["prompt_ids"], skip_special_tokens=True),
+                                "prediction": text.strip(), "reference": it["reference"], "correct": ok})
+    totals = accelerator.reduce(counts, reduction="sum").tolist()
+    correct, total = sum(totals[0::2]), sum(totals[1::2])
+    scores = {"exact_match": correct / total if total else math.nan}
+    if len(tasks) > 1:
+        for t, name in enumerate(tasks):
+            scores[f"exact_match/{name}"] = totals[2 * t] / max(totals[2 * t + 1], 1.0)
+    return scores, predictions

@@ -1,0 +1,105 @@
+"""Where numbers go: metrics.jsonl (always), Accelerate trackers, the progress bar, samples.jsonl.
+
+Device-side accumulators are summed across ranks and copied to the host only at logging
+steps, so the training step itself never waits on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+
+class StepStats:
+    """Running sums on the device since the last log: target-token loss sum, target tokens, real
+    input tokens and padded positions."""
+
+    FIELDS = ("loss_sum", "targets", "tokens", "positions")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
+        self.steps = 0
+
+    def add(self, loss_sum: torch.Tensor, targets: torch.Tensor, tokens: torch.Tensor, positions: int) -> None:
+        self.sums += torch.stack(
+            [loss_sum.double(), targets.double(), tokens.double(), torch.tensor(positions, dtype=torch.float64, device=self.device)]
+        )
+        self.steps += 1
+
+    def pop(self, accelerator) -> dict[str, float]:
+        """All-reduce and copy to host (the one sync per log interval), then reset."""
+        totals = accelerator.reduce(self.sums.clone(), reduction="sum").tolist()
+        self.sums.zero_()
+        self.steps = 0
+        return dict(zip(self.FIELDS, totals, strict=True))
+
+
+class MetricsLogger:
+    def __init__(self, accelerator, output_dir: Path, total_steps: int, start_step: int, progress_bar: bool):
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+        self.path = output_dir / "metrics.jsonl"
+        self.last_time = time.perf_counter()
+        self.bar = None
+        if self.main and progress_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop rows logged after the checkpoint; the resumed run logs them again."""
+        if not self.main or not self.path.exists():
+            return
+        rows = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(r + "\n" for r in rows))
+        tmp.replace(self.path)
+
+    def train_row(self, step: int, sums: dict[str, float], lr: float, grad_norm: float | None, epoch: float, tokens_seen: int) -> dict:
+        now = time.perf_counter()
+        elapsed, self.last_time = now - self.last_time, now
+        loss = sums["loss_sum"] / max(sums["targets"], 1.0)
+        return {
+            "step": step,
+            "loss": loss,
+            "ppl": math.exp(min(loss, 50.0)),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": tokens_seen,
+            "tokens_per_sec": sums["tokens"] / elapsed if elapsed > 0 else None,
+            "padding_fraction": 1.0 - sums["tokens"] / max(sums["positions"], 1.0),
+            "epoch": epoch,
+        }
+
+    def restart_clock(self) -> None:
+        """Eval and checkpoint time must not count against training throughput."""
+        self.last_time = time.perf_counter()
+
+    def log(self, row: dict) -> None:
+        if self.main:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            if self.bar is not None:
+                shown = {k: row[k] for k in ("loss", "lr", "tokens_per_sec", "eval_loss", "eval_exact_match") if row.get(k) is not None}
+                self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()}, refresh=False)
+        self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def write(self, message: str) -> None:
+        if self.main:
+            if self.bar is not None:
+                self.bar.write(message)
+            else:
+                print(message, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

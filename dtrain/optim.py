@@ -1,0 +1,94 @@
+"""Optimizer and learning-rate schedule.
+
+Parameter groups: weight decay only on matrices (never biases, norm weights or other 1-D
+tensors); the output head may get its own learning rate. Schedules come from transformers'
+`get_scheduler`, sized in optimizer steps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dtrain.config import OptimConfig, UserError
+
+
+def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_ids = {id(p) for p in head.parameters()} if head is not None and cfg.head_lr is not None else set()
+    input_ids_ = {id(p) for p in model.get_input_embeddings().parameters()} if hasattr(model, "get_input_embeddings") else set()
+    groups: dict[tuple[bool, bool], list] = {}
+    seen: set[int] = set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:  # tied weights appear once
+            continue
+        seen.add(id(p))
+        # A tied head is the input embedding: it keeps the base lr (changing it would move both).
+        is_head = id(p) in head_ids and id(p) not in input_ids_
+        decay = p.ndim >= 2
+        groups.setdefault((is_head, decay), []).append(p)
+    out = []
+    for (is_head, decay), params in sorted(groups.items()):
+        out.append(
+            {
+                "params": params,
+                "weight_decay": cfg.weight_decay if decay else 0.0,
+                "lr": cfg.head_lr if is_head else cfg.lr,
+                "name": ("head" if is_head else "body") + ("" if decay else "_no_decay"),
+            }
+        )
+    return out
+
+
+def _bnb():
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UserError("--optim.name 8-bit optimizers need bitsandbytes: pip install 'dtrain[bnb]'") from None
+    return bitsandbytes.optim
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.name == "adamw":
+        # fused on CUDA (one kernel for all params); foreach elsewhere (torch's default).
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=device.type == "cuda" or None)
+    if cfg.name == "adamw_8bit":
+        return _bnb().AdamW8bit(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+    if cfg.name == "paged_adamw_8bit":
+        return _bnb().PagedAdamW8bit(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+    if cfg.name == "adafactor":
+        return torch.optim.Adafactor(groups, lr=cfg.lr)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1)
+    raise UserError(f"--optim.name: unknown optimizer '{cfg.name}'")
+
+
+def warmup_steps(cfg: OptimConfig, max_steps: int) -> int:
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    return math.ceil(cfg.warmup_ratio * max_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
+    from transformers import get_scheduler
+
+    warmup = warmup_steps(cfg, max_steps)
+    name, extra = cfg.scheduler, {}
+    if name == "cosine" and cfg.min_lr_ratio > 0:
+        name, extra = "cosine_with_min_lr", {"min_lr_rate": cfg.min_lr_ratio}
+    elif name == "cosine_with_restarts":
+        extra = {"num_cycles": cfg.num_cycles}
+    elif name == "wsd":
+        # never longer than what warmup leaves, so the schedule always ends at min_lr_ratio
+        decay = min(max(1, round(cfg.decay_fraction * max_steps)), max(1, max_steps - warmup))
+        name, extra = "warmup_stable_decay", {
+            "num_decay_steps": decay,
+            "num_stable_steps": max(0, max_steps - warmup - decay),
+            "min_lr_ratio": cfg.min_lr_ratio,
+        }
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps, scheduler_specific_kwargs=extra or None
+    )

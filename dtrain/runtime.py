@@ -1,0 +1,137 @@
+"""The Accelerator and the facts of the process: precision, world-size sanity, run_info.json."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import re
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from dtrain.config import Config, UserError, flatten
+
+
+def build_accelerator(cfg: Config):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    handlers = []
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # CPU ranks talk over gloo. Without this DeepSpeed on CPU computes a world size that
+        # disagrees with Accelerate's and fails its batch-size check.
+        handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=_dt.timedelta(minutes=30)))
+    report_to = None if cfg.log.report_to == "none" else cfg.log.report_to
+    kwargs = {}
+    if cfg.train.mixed_precision is not None:  # null: keep what the launch config says
+        kwargs["mixed_precision"] = cfg.train.mixed_precision
+    try:
+        accelerator = Accelerator(
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+            log_with=report_to,
+            project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),
+            kwargs_handlers=handlers,
+            **kwargs,
+        )
+    except (ValueError, ImportError) as exc:  # e.g. bf16 on a GPU without it, a tracker not installed
+        raise UserError(f"could not set up Accelerate: {' '.join(str(exc).split())[:300]}") from None
+    check_world(accelerator)
+    return accelerator
+
+
+def check_world(accelerator) -> None:
+    """Fail fast on launches that would silently train the wrong job."""
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if env_world > 1 and accelerator.num_processes == 1:
+        raise UserError(
+            f"WORLD_SIZE={env_world} but Accelerate set up a single process, so each of the {env_world} processes "
+            "would train the whole job and write the same files; on a CPU-only machine launch with "
+            "ACCELERATE_USE_CPU=1 (or `dtrain launch --cpu`)"
+        )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UserError(
+            "--train.mixed_precision fp16 needs a CUDA GPU (on CPU Accelerate would silently train in fp32); "
+            "use --train.mixed_precision bf16 or no"
+        )
+
+
+_SECRET = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.I)
+_ENV_PREFIXES = ("ACCELERATE_", "SLURM_", "CUDA_VISIBLE_DEVICES", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_", "HF_", "OMP_NUM_THREADS")
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """The command line with the value of any secret-looking flag replaced."""
+    out, hide_next = [], False
+    for arg in argv:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+            continue
+        flag, eq, _ = arg.partition("=")
+        if flag.startswith("--") and _SECRET.search(flag):
+            out.append(f"{flag}=***" if eq else flag)
+            hide_next = not eq
+        else:
+            out.append(arg)
+    return out
+
+
+def run_info(accelerator, cfg: Config, argv: list[str], data_stats: dict, num_params: int) -> dict:
+    """Everything needed to reproduce the run, and nothing secret."""
+    commit = _git("rev-parse", "HEAD")
+    dirty = bool(_git("status", "--porcelain")) if commit else None
+    env = {
+        k: ("***" if _SECRET.search(k) else v)
+        for k, v in sorted(os.environ.items())
+        if k.startswith(_ENV_PREFIXES)
+    }
+    if torch.cuda.is_available():
+        devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    else:
+        devices = [platform.processor() or platform.machine()]
+    return {
+        "command": [sys.executable, *redact_argv(argv)],
+        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "versions": {
+            "python": platform.python_version(),
+            **{p: _version(p) for p in ("dtrain", "torch", "accelerate", "transformers", "datasets", "tokenizers",
+                                        "safetensors", "deepspeed", "bitsandbytes", "torchao")},
+        },
+        "distributed": {
+            "type": str(accelerator.distributed_type),
+            "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,
+            "device": str(accelerator.device),
+        },
+        "hardware": {
+            "host": platform.node(),
+            "cpu_count": os.cpu_count(),
+            "devices": devices,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "model_parameters": num_params,
+        "data": data_stats,
+        "environment": env,
+        "config": flatten(cfg),
+    }

@@ -1,0 +1,100 @@
+"""Loss normalisation: every target token weighs the same however tokens fall into micro-batches.
+
+Runs the real `train_step` in-process (one CPU process) with an optimizer that records the
+gradients it is asked to apply.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+
+from dtrain.config import DataConfig, EvalConfig, ModelConfig
+from dtrain.data import IGNORE_INDEX, Collator
+from dtrain.modeling import build_model, token_loss_sum
+from dtrain.tasks import build_char_tokenizer
+from dtrain.train import train_step
+
+
+class GradCapture(torch.optim.Optimizer):
+    """Records the gradients at step() and changes nothing."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.captured: list[torch.Tensor] | None = None
+
+    def step(self, closure=None):
+        self.captured = [p.grad.detach().clone() for g in self.param_groups for p in g["params"]]
+
+
+def _examples(tokenizer, n: int = 8) -> list[dict]:
+    """Uneven lengths and uneven target counts, so a mean of per-batch means would differ."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(n):
+        length = 6 + 5 * i  # 6 .. 41 tokens
+        ids = torch.randint(4, len(tokenizer), (length,), generator=g).tolist()
+        prompt = 2 + (i * 3) % 7
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    return rows
+
+
+def _grads(micro_batch: int, accumulation: int) -> tuple[list[torch.Tensor], float]:
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = Accelerator(gradient_accumulation_steps=accumulation, cpu=True)
+    tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tok, DataConfig(), EvalConfig())
+    opt = GradCapture(model.parameters())
+    model, opt = accelerator.prepare(model, opt)
+    collate = Collator(tok.pad_token_id)
+    rows = _examples(tok)
+    window = [collate(rows[i : i + micro_batch]) for i in range(0, len(rows), micro_batch)]
+    assert len(window) == accumulation
+    loss_sum, targets, *_ = train_step(accelerator, model, opt, window, max_grad_norm=0.0, want_norm=False)
+    return opt.optimizer.captured, float(loss_sum / targets)
+
+
+def test_four_micro_batches_of_two_equal_one_batch_of_eight():
+    split, split_loss = _grads(micro_batch=2, accumulation=4)
+    whole, whole_loss = _grads(micro_batch=8, accumulation=1)
+    assert abs(split_loss - whole_loss) < 1e-5
+    assert len(split) == len(whole)
+    worst = max((a - b).abs().max().item() for a, b in zip(split, whole, strict=True))
+    assert worst < 1e-5, f"largest gradient difference {worst}"
+    # and the gradients are not trivially zero
+    assert max(g.abs().max().item() for g in whole) > 1e-3
+
+
+def test_mean_of_means_would_differ():
+    """Guard that the fixture really has uneven token counts: the naive scheme gives another loss."""
+    tok = build_char_tokenizer()
+    collate = Collator(tok.pad_token_id)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tok, DataConfig(), EvalConfig())
+    rows = _examples(tok)
+    with torch.no_grad():
+        means, total, count = [], 0.0, 0
+        for i in range(0, 8, 2):
+            b = collate(rows[i : i + 2])
+            s = token_loss_sum(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+            n = (b["labels"][:, 1:] != IGNORE_INDEX).sum()
+            means.append((s / n).item())
+            total, count = total + s.item(), count + n.item()
+    assert abs(sum(means) / len(means) - total / count) > 1e-4
+
+
+def test_padding_never_counts():
+    tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tok, DataConfig(), EvalConfig())
+    row = _examples(tok, 1)[0]
+    alone = Collator(tok.pad_token_id)([row])
+    padded = Collator(tok.pad_token_id, pad_to_multiple_of=64)([row])
+    assert padded["input_ids"].shape[1] > alone["input_ids"].shape[1]
+    with torch.no_grad():
+        a = token_loss_sum(model(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"]).logits, alone["labels"])
+        b = token_loss_sum(model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits, padded["labels"])
+    assert abs(a.item() - b.item()) < 1e-4

@@ -1,0 +1,162 @@
+"""End-to-end runs of the real script (`python dtrain/train.py`) on a tiny model, one CPU process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, assert_ok, read_metrics, run_train, train_rows
+
+from dtrain.config import load_config_file
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, object]:
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    proc = run_train([*TINY, "--output_dir", str(out), "--train.max_steps", "12", "--checkpoint.save_steps", "4",
+                      "--eval.steps", "6", "--optim.lr", "1e-2", "--optim.warmup_steps", "2"])
+    assert_ok(proc)
+    return out, proc
+
+
+def test_run_directory_layout(tiny_run):
+    out, _ = tiny_run
+    for name in ("config.yaml", "run_info.json", "metrics.jsonl", "samples.jsonl", "checkpoints", "final", "data/train.jsonl"):
+        assert (out / name).exists(), name
+    final = out / "final"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+        assert (final / name).exists(), name
+
+
+def test_loss_decreases_and_rows_are_complete(tiny_run):
+    out, _ = tiny_run
+    rows = train_rows(out)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for r in rows:
+        assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_sec", "epoch"} <= r.keys()
+        assert r["grad_norm"] > 0 and r["tokens_per_sec"] > 0
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, (rows[0]["loss"], rows[-1]["loss"])
+    assert rows[-1]["tokens"] > rows[0]["tokens"] > 0
+    assert rows[-1]["epoch"] == pytest.approx(12 * 4 / 240)
+    evals = [r for r in read_metrics(out) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert all(0.0 <= r["eval_exact_match"] <= 1.0 for r in evals)
+    assert evals[-1]["best_loss"] == min(r["eval_loss"] for r in evals)
+
+
+def test_warmup_then_decay_in_the_log(tiny_run):
+    out, _ = tiny_run
+    lrs = [r["lr"] for r in train_rows(out)]
+    assert lrs[0] == pytest.approx(0.0) and lrs[2] == pytest.approx(1e-2)
+    assert lrs[-1] < lrs[3]
+
+
+def test_saved_config_reproduces_the_run(tiny_run):
+    out, _ = tiny_run
+    cfg = load_config_file(out / "config.yaml")
+    assert cfg.train.max_steps == 12 and cfg.model.hidden_size == 32 and cfg.output_dir == str(out)
+    assert load_config_file(out / "checkpoints" / "step-00000012" / "config.yaml").to_dict() == cfg.to_dict()
+
+
+def test_run_info_has_what_reproduces_the_run(tiny_run):
+    out, _ = tiny_run
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["versions"]["torch"] == torch.__version__
+    assert info["distributed"]["num_processes"] == 1
+    assert "--output_dir" in info["command"]
+    assert info["data"]["train_examples"] == 240
+    assert info["model_parameters"] > 0
+
+
+def test_checkpoints_are_committed_and_rotated(tiny_run):
+    out, _ = tiny_run
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step-00000008", "step-00000012"]  # keep_last=2, step 4 rotated away
+    marker = json.loads((out / "checkpoints" / "step-00000012" / "dtrain_checkpoint.json").read_text())
+    assert marker["step"] == 12 and marker["train_state"]["samples_seen"] == 48
+    for f in marker["files"]:
+        assert (out / "checkpoints" / "step-00000012" / f["path"]).stat().st_size == f["bytes"]
+
+
+def test_final_model_reloads_and_generates(tiny_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = tiny_run
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    ids = tok("### Instruction:\nReverse the letters.\n\n### Input:\nabc\n\n### Response:\n", return_tensors="pt")
+    gen = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] > ids["input_ids"].shape[1]
+    # The exported weights are the trained ones: the last checkpoint holds the same tensors.
+    from safetensors.torch import load_file
+
+    exported = load_file(out / "final" / "model.safetensors")
+    saved = load_file(out / "checkpoints" / "step-00000012" / "model.safetensors")
+    assert exported.keys() == saved.keys()
+    assert all(torch.equal(exported[k], saved[k]) for k in exported)
+
+
+def test_samples_are_printed_and_saved(tiny_run):
+    out, proc = tiny_run
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert 0 < len(samples) <= 4
+    assert {"prompt", "prediction", "reference", "correct"} <= samples[0].keys()
+    assert samples[0]["reference"] in proc.stdout
+
+
+def test_rerun_of_a_finished_run_changes_nothing(tiny_run):
+    out, _ = tiny_run
+    before = (out / "metrics.jsonl").read_bytes()
+    proc = run_train([*TINY, "--output_dir", str(out), "--train.max_steps", "12", "--checkpoint.save_steps", "4",
+                      "--eval.steps", "6", "--optim.lr", "1e-2", "--optim.warmup_steps", "2"])
+    assert_ok(proc)
+    assert "already complete at step 12" in proc.stdout
+    assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def test_resume_auto_continues_exactly(tiny_run, tmp_path):
+    """Take the straight run's step-8 checkpoint alone and resume: steps 9..12 repeat bit for bit."""
+    out, _ = tiny_run
+    resumed = tmp_path / "run"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "checkpoints" / "step-00000008", resumed / "checkpoints" / "step-00000008")
+    shutil.copytree(out / "data", resumed / "data")
+    proc = run_train([*TINY, "--output_dir", str(resumed), "--train.max_steps", "12", "--checkpoint.save_steps", "4",
+                      "--eval.steps", "6", "--optim.lr", "1e-2", "--optim.warmup_steps", "2"])
+    assert_ok(proc)
+    assert "resuming from" in proc.stdout
+    straight = {r["step"]: r["loss"] for r in train_rows(out)}
+    again = {r["step"]: r["loss"] for r in train_rows(resumed)}
+    assert sorted(again) == [9, 10, 11, 12]
+    assert all(again[s] == straight[s] for s in again), (again, straight)
+    from safetensors.torch import load_file
+
+    a, b = load_file(out / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_accumulation_bf16_and_unclipped_norm(tmp_path):
+    out = tmp_path / "run"
+    proc = run_train([*TINY, "--output_dir", str(out), "--train.gradient_accumulation_steps", "2",
+                      "--train.mixed_precision", "bf16", "--train.max_grad_norm", "0", "--checkpoint.save_steps", "0",
+                      "--eval.steps", "0", "--eval.num_generate", "0", "--train.max_steps", "4"])
+    assert_ok(proc)
+    rows = train_rows(out)
+    assert len(rows) == 4 and all(r["grad_norm"] > 0 for r in rows)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["distributed"]["mixed_precision"] == "bf16"
+    assert rows[-1]["epoch"] == pytest.approx(4 * 8 / 240)  # 2 micro-batches of 4 per step
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000004"]  # the end always saves
+
+
+def test_early_stopping(tmp_path):
+    out = tmp_path / "run"
+    proc = run_train([*TINY, "--output_dir", str(out), "--train.max_steps", "40", "--eval.steps", "2",
+                      "--eval.metric", "exact_match", "--eval.early_stopping_patience", "1", "--optim.lr", "1e-5"])
+    assert_ok(proc)
+    assert "early stopping at step 4" in proc.stdout
+    assert train_rows(out)[-1]["step"] == 4
+    assert (out / "final" / "model.safetensors").exists()
