@@ -88,7 +88,9 @@ def resolve_resume(output_dir: Path, resume: str, overwrite: bool) -> Path | Non
     if resume not in ("auto", "never"):
         path = Path(resume).expanduser()
         if not (path / MARKER).is_file():
-            raise UserError(f"--checkpoint.resume: '{resume}' is not a complete dtrain checkpoint (no {MARKER})")
+            raise UserError(
+                f"--checkpoint.resume: '{resume}' is not a complete dtrain checkpoint (no {MARKER})"
+            )
         return path
     if overwrite:
         return None
@@ -117,7 +119,9 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> Non
     ckpt_root = output_dir / "checkpoints"
     if ckpt_root.is_dir():
         for p in ckpt_root.iterdir():
-            if p.name.startswith(TMP_PREFIX) or (p.name.startswith(STEP_PREFIX) and not (p / MARKER).is_file()):
+            if p.name.startswith(TMP_PREFIX) or (
+                p.name.startswith(STEP_PREFIX) and not (p / MARKER).is_file()
+            ):
                 print(f"dtrain: removing incomplete checkpoint {p}", flush=True)
                 shutil.rmtree(p, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)

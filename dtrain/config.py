@@ -89,7 +89,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int | None = 700
+    max_steps: int | None = 1000
     """Optimizer steps (not micro-steps). Set null and use num_epochs to size by data instead."""
     num_epochs: float | None = None
     """Passes over the train data; only when max_steps is null."""
@@ -137,8 +137,10 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
-    steps: int = 350
+    steps: int = 250
     """Evaluate every this many optimizer steps (0 = only at the end). Always evaluates at the end."""
+    at_start: bool = False
+    """Also evaluate before the first step (the untrained baseline, logged as step 0)."""
     batch_size: int | None = None
     """Eval micro-batch per process; null = train.per_device_batch_size."""
     metric: Literal["loss", "exact_match"] = "loss"
@@ -155,7 +157,7 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    save_steps: int = 350
+    save_steps: int = 250
     """Save a resumable checkpoint every this many optimizer steps (0 = only at the end)."""
     keep_last: int = 2
     """Complete checkpoints kept; older ones are deleted only after a newer one is committed."""
@@ -235,7 +237,9 @@ def build_parser():
     parser.add_argument("--config", action=ActionConfigFile, help="YAML recipe (e.g. a run's config.yaml).")
     top = {f.name: f for f in fields(Config)}
     for name in ("output_dir", "overwrite_output_dir"):
-        parser.add_argument(f"--{name}", type=type(top[name].default), default=top[name].default, help=_TOP_DOCS[name])
+        parser.add_argument(
+            f"--{name}", type=type(top[name].default), default=top[name].default, help=_TOP_DOCS[name]
+        )
     for section, cls in _SECTION_CLASSES.items():
         parser.add_class_arguments(cls, section, sub_configs=False)
     return parser
@@ -269,7 +273,9 @@ def _explain_parse_error(message: str) -> str:
         if not close:  # a misspelt section: match on the field name alone
             tail = key.split(".")[-1]
             close = [k for k in all_keys() if k.endswith("." + tail)][:1]
-        hint = f"; did you mean '{close[0]}'?" if close else f"; valid sections: {', '.join(_SECTION_CLASSES)}"
+        hint = (
+            f"; did you mean '{close[0]}'?" if close else f"; valid sections: {', '.join(_SECTION_CLASSES)}"
+        )
         return f"unknown config key '{key}'{hint}"
     m = re.search(r'Parser key "([\w.]+)":\s*(.*)', message, re.S)
     if m:
@@ -386,28 +392,42 @@ def validate(cfg: Config) -> list[str]:
     if t.max_steps is not None and o.warmup_steps is not None and o.warmup_steps >= t.max_steps:
         p.append(f"--optim.warmup_steps ({o.warmup_steps}) must be < --train.max_steps ({t.max_steps})")
     if d.template == "text" and e.metric == "exact_match":
-        p.append("--eval.metric exact_match needs references; the text template has none: use --eval.metric loss")
+        p.append(
+            "--eval.metric exact_match needs references; the text template has none: use --eval.metric loss"
+        )
     if e.metric == "exact_match" and e.num_generate == 0:
         p.append("--eval.metric exact_match needs --eval.num_generate > 0")
     if e.early_stopping_patience and not e.steps:
         p.append("--eval.early_stopping_patience needs periodic eval: set --eval.steps > 0")
     if m.name_or_path is None:
         if m.num_heads and m.hidden_size % m.num_heads:
-            p.append(f"--model.hidden_size ({m.hidden_size}) must be divisible by --model.num_heads ({m.num_heads})")
+            p.append(
+                f"--model.hidden_size ({m.hidden_size}) must be divisible by --model.num_heads ({m.num_heads})"
+            )
         for task in d.synthetic_tasks:
             if task not in SYNTHETIC_TASKS:
-                p.append(f"--data.synthetic_tasks: unknown task '{task}' (choose from {', '.join(SYNTHETIC_TASKS)})")
+                p.append(
+                    f"--data.synthetic_tasks: unknown task '{task}' (choose from {', '.join(SYNTHETIC_TASKS)})"
+                )
         if d.path is None and d.template == "text":
-            p.append("the embedded synthetic data has chat and alpaca columns, no text: use --data.template chat or alpaca")
+            p.append(
+                "the embedded synthetic data has chat and alpaca columns, no text: use --data.template chat or alpaca"
+            )
     elif m.name_or_path and looks_local(m.name_or_path) and not Path(m.name_or_path).expanduser().exists():
-        p.append(f"--model.name_or_path: directory '{m.name_or_path}' does not exist; give a local model dir or a hub id")
+        p.append(
+            f"--model.name_or_path: directory '{m.name_or_path}' does not exist; give a local model dir or a hub id"
+        )
     if m.tokenizer and looks_local(m.tokenizer) and not Path(m.tokenizer).expanduser().exists():
         p.append(f"--model.tokenizer: '{m.tokenizer}' does not exist")
     for name, value in (("data.path", d.path), ("data.eval_path", d.eval_path)):
         if value and looks_local(value) and not Path(value).expanduser().exists():
-            p.append(f"--{name}: file '{value}' does not exist; give a json/jsonl/csv/parquet file, a saved dataset dir or a hub dataset name")
+            p.append(
+                f"--{name}: file '{value}' does not exist; give a json/jsonl/csv/parquet file, a saved dataset dir or a hub dataset name"
+            )
     if m.name_or_path is not None and d.path is None:
-        p.append("--data.path is required with --model.name_or_path (the embedded data needs the embedded tokenizer)")
+        p.append(
+            "--data.path is required with --model.name_or_path (the embedded data needs the embedded tokenizer)"
+        )
     if c.resume not in ("auto", "never") and not Path(c.resume).expanduser().is_dir():
         p.append(f"--checkpoint.resume: '{c.resume}' is not auto, never or an existing checkpoint directory")
     return p

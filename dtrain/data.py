@@ -46,7 +46,9 @@ def load_table(path: str, split: str, flag: str):
             if p.stat().st_size == 0 or (p.stat().st_size < 4096 and not p.read_bytes().strip()):
                 raise UserError(f"--{flag}: '{path}' has no rows; point it at a non-empty dataset")
             ds = datasets.load_dataset(builder, data_files=str(p), split="train")
-        elif p.is_dir() and any((p / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        elif p.is_dir() and any(
+            (p / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")
+        ):
             ds = datasets.load_from_disk(str(p))
         elif p.is_dir():
             ds = datasets.load_dataset(str(p), split=split)
@@ -63,7 +65,9 @@ def load_table(path: str, split: str, flag: str):
         raise UserError(f"--{flag}: could not load '{path}': {reason}") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise UserError(f"--{flag}: '{path}' has no split '{split}' (has: {', '.join(ds)}); set --data.split")
+            raise UserError(
+                f"--{flag}: '{path}' has no split '{split}' (has: {', '.join(ds)}); set --data.split"
+            )
         ds = ds[split]
     if len(ds) == 0:
         raise UserError(f"--{flag}: '{path}' has no rows; point it at a non-empty dataset")
@@ -131,8 +135,10 @@ def _chat_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, i
         start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not full.startswith(upto):
-            raise UserError("the tokenizer's chat template does not render conversations prefix by prefix; "
-                            "use --data.template text or a standard chat template")
+            raise UserError(
+                "the tokenizer's chat template does not render conversations prefix by prefix; "
+                "use --data.template text or a standard chat template"
+            )
         spans.append((start, len(upto)))
     return full, spans
 
@@ -147,7 +153,9 @@ def encode_batch(batch: dict[str, list], tokenizer, cfg: DataConfig) -> dict[str
     if cfg.template == "alpaca":
         prompts = tokenizer([alpaca_prompt(r) for r in rows], add_special_tokens=True)["input_ids"]
         answers = tokenizer([str(r["output"]) for r in rows], add_special_tokens=False)["input_ids"]
-        pairs = [(p + a + eos, [IGNORE_INDEX] * len(p) + a + eos) for p, a in zip(prompts, answers, strict=True)]
+        pairs = [
+            (p + a + eos, [IGNORE_INDEX] * len(p) + a + eos) for p, a in zip(prompts, answers, strict=True)
+        ]
     elif cfg.template == "chat":
         pairs = [_encode_chat(r[cfg.messages_column], tokenizer) for r in rows]
     else:
@@ -215,7 +223,9 @@ def tokenize(ds, tokenizer, cfg: DataConfig, what: str):
     return out.remove_columns("truncated"), truncated, no_target
 
 
-def build_data(cfg: DataConfig, tokenizer, train_path: str, eval_path: str | None, seed: int, num_generate: int) -> Data:
+def build_data(
+    cfg: DataConfig, tokenizer, train_path: str, eval_path: str | None, seed: int, num_generate: int
+) -> Data:
     """Load, check, split and tokenize. Called on the main process first (datasets caches the result)."""
     raw = load_table(train_path, cfg.split, "data.path")
     check_columns(raw, cfg, train_path, "data.path")
@@ -275,7 +285,9 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     the order depends only on (seed, position), never on how many processes read it.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, rank: int, world_size: int, seed: int, start: int = 0):
+    def __init__(
+        self, num_examples: int, batch_size: int, rank: int, world_size: int, seed: int, start: int = 0
+    ):
         self.n, self.batch_size, self.rank, self.world = num_examples, batch_size, rank, world_size
         self.seed, self.start = seed, start
         self._perm_epoch, self._perm = -1, None
@@ -294,7 +306,17 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
             position += self.batch_size * self.world
 
 
-def train_loader(dataset, batch_size: int, rank: int, world_size: int, seed: int, start: int, collator, num_workers: int, pin: bool):
+def train_loader(
+    dataset,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    start: int,
+    collator,
+    num_workers: int,
+    pin: bool,
+):
     sampler = GlobalBatchSampler(len(dataset), batch_size, rank, world_size, seed, start)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers, pin_memory=pin
@@ -318,5 +340,8 @@ def eval_batches(dataset, batch_size: int, rank: int, world_size: int, collator)
         batch = [dataset[i] for i in idx]
         for j in range(len(batch)):
             if start + j >= real:
-                batch[j] = {"input_ids": batch[j]["input_ids"], "labels": [IGNORE_INDEX] * len(batch[j]["labels"])}
+                batch[j] = {
+                    "input_ids": batch[j]["input_ids"],
+                    "labels": [IGNORE_INDEX] * len(batch[j]["labels"]),
+                }
         yield collator(batch)

@@ -18,16 +18,22 @@ from dtrain.tasks import exact_match
 @torch.no_grad()
 def eval_loss(accelerator, model, dataset, batch_size: int, collator: Collator) -> float:
     sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    for batch in eval_batches(dataset, batch_size, accelerator.process_index, accelerator.num_processes, collator):
+    for batch in eval_batches(
+        dataset, batch_size, accelerator.process_index, accelerator.num_processes, collator
+    ):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        sums += torch.stack([token_loss_sum(logits, batch["labels"]).double(), count_targets(batch["labels"]).double()])
+        sums += torch.stack(
+            [token_loss_sum(logits, batch["labels"]).double(), count_targets(batch["labels"]).double()]
+        )
     loss_sum, targets = accelerator.reduce(sums, reduction="sum").tolist()
     return loss_sum / max(targets, 1.0)
 
 
 @torch.no_grad()
-def generate_answers(accelerator, model, tokenizer, items: list[dict], batch_size: int, max_new_tokens: int) -> tuple[dict, list[dict]]:
+def generate_answers(
+    accelerator, model, tokenizer, items: list[dict], batch_size: int, max_new_tokens: int
+) -> tuple[dict, list[dict]]:
     """Greedy answers for `items` (prompt_ids, reference, task), split across ranks.
 
     Returns ({"exact_match": x, "exact_match/<task>": x, ...}, this rank's predictions).
@@ -39,7 +45,9 @@ def generate_answers(accelerator, model, tokenizer, items: list[dict], batch_siz
     mine, real = rank_shard(items, rank, world)
     unwrapped = accelerator.unwrap_model(model)
     pad = tokenizer.pad_token_id
-    counts = torch.zeros(2 * len(tasks), dtype=torch.float64, device=accelerator.device)  # correct, total per task
+    counts = torch.zeros(
+        2 * len(tasks), dtype=torch.float64, device=accelerator.device
+    )  # correct, total per task
     predictions = []
     for start in range(0, len(mine), batch_size):
         chunk = mine[start : start + batch_size]
@@ -67,8 +75,15 @@ def generate_answers(accelerator, model, tokenizer, items: list[dict], batch_siz
             t = tasks.index(it["task"])
             counts[2 * t] += float(ok)
             counts[2 * t + 1] += 1.0
-            predictions.append({"task": it["task"], "prompt": tokenizer.decode(it["prompt_ids"], skip_special_tokens=True),
-                                "prediction": text.strip(), "reference": it["reference"], "correct": ok})
+            predictions.append(
+                {
+                    "task": it["task"],
+                    "prompt": tokenizer.decode(it["prompt_ids"], skip_special_tokens=True),
+                    "prediction": text.strip(),
+                    "reference": it["reference"],
+                    "correct": ok,
+                }
+            )
     totals = accelerator.reduce(counts, reduction="sum").tolist()
     correct, total = sum(totals[0::2]), sum(totals[1::2])
     scores = {"exact_match": correct / total if total else math.nan}

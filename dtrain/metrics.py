@@ -15,28 +15,28 @@ import torch
 
 
 class StepStats:
-    """Running sums on the device since the last log: target-token loss sum, target tokens, real
-    input tokens and padded positions."""
+    """Running sums since the last log: target-token loss sum, target tokens and real input tokens
+    on the device (no sync per step); padded positions (a shape, known on the host) on the host."""
 
-    FIELDS = ("loss_sum", "targets", "tokens", "positions")
+    FIELDS = ("loss_sum", "targets", "tokens")
 
     def __init__(self, device: torch.device):
-        self.device = device
         self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
-        self.steps = 0
+        self.positions = 0
 
-    def add(self, loss_sum: torch.Tensor, targets: torch.Tensor, tokens: torch.Tensor, positions: int) -> None:
-        self.sums += torch.stack(
-            [loss_sum.double(), targets.double(), tokens.double(), torch.tensor(positions, dtype=torch.float64, device=self.device)]
-        )
-        self.steps += 1
+    def add(
+        self, loss_sum: torch.Tensor, targets: torch.Tensor, tokens: torch.Tensor, positions: int
+    ) -> None:
+        self.sums += torch.stack([loss_sum.double(), targets.double(), tokens.double()])
+        self.positions += positions
 
     def pop(self, accelerator) -> dict[str, float]:
         """All-reduce and copy to host (the one sync per log interval), then reset."""
-        totals = accelerator.reduce(self.sums.clone(), reduction="sum").tolist()
+        host = torch.tensor([float(self.positions)], dtype=torch.float64, device=self.sums.device)
+        totals = accelerator.reduce(torch.cat([self.sums, host]), reduction="sum").tolist()
         self.sums.zero_()
-        self.steps = 0
-        return dict(zip(self.FIELDS, totals, strict=True))
+        self.positions = 0
+        return dict(zip((*self.FIELDS, "positions"), totals, strict=True))
 
 
 class MetricsLogger:
@@ -49,18 +49,32 @@ class MetricsLogger:
         if self.main and progress_bar:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
+            )
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop rows logged after the checkpoint; the resumed run logs them again."""
         if not self.main or not self.path.exists():
             return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        rows = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(r + "\n" for r in rows))
         tmp.replace(self.path)
 
-    def train_row(self, step: int, sums: dict[str, float], lr: float, grad_norm: float | None, epoch: float, tokens_seen: int) -> dict:
+    def train_row(
+        self,
+        step: int,
+        sums: dict[str, float],
+        lr: float,
+        grad_norm: float | None,
+        epoch: float,
+        tokens_seen: int,
+    ) -> dict:
         now = time.perf_counter()
         elapsed, self.last_time = now - self.last_time, now
         loss = sums["loss_sum"] / max(sums["targets"], 1.0)
@@ -85,9 +99,17 @@ class MetricsLogger:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             if self.bar is not None:
-                shown = {k: row[k] for k in ("loss", "lr", "tokens_per_sec", "eval_loss", "eval_exact_match") if row.get(k) is not None}
-                self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()}, refresh=False)
-        self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
+                shown = {
+                    k: row[k]
+                    for k in ("loss", "lr", "tokens_per_sec", "eval_loss", "eval_exact_match")
+                    if row.get(k) is not None
+                }
+                self.bar.set_postfix(
+                    {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()}, refresh=False
+                )
+        self.accelerator.log(
+            {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"]
+        )
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

@@ -18,7 +18,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def _load_error(what: str, name: str, exc: Exception) -> UserError:
     reason = " ".join(str(exc).split())[:300]
-    hint = "" if Path(name).expanduser().exists() else " (not a local directory; no hub access? set HF_HUB_OFFLINE=1 and use a local copy)"
+    hint = (
+        ""
+        if Path(name).expanduser().exists()
+        else " (not a local directory; no hub access? set HF_HUB_OFFLINE=1 and use a local copy)"
+    )
     return UserError(f"--model.{what}: could not load '{name}'{hint}: {reason}")
 
 
@@ -93,7 +97,9 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     logits = logits[:, :-1, :].float()
     targets = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 def count_targets(labels: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,11 @@ from dtrain.config import OptimConfig, UserError
 def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_ids = {id(p) for p in head.parameters()} if head is not None and cfg.head_lr is not None else set()
-    input_ids_ = {id(p) for p in model.get_input_embeddings().parameters()} if hasattr(model, "get_input_embeddings") else set()
+    input_ids_ = (
+        {id(p) for p in model.get_input_embeddings().parameters()}
+        if hasattr(model, "get_input_embeddings")
+        else set()
+    )
     groups: dict[tuple[bool, bool], list] = {}
     seen: set[int] = set()
     for _, p in model.named_parameters():
@@ -45,7 +49,9 @@ def _bnb():
     try:
         import bitsandbytes
     except ImportError:
-        raise UserError("--optim.name 8-bit optimizers need bitsandbytes: pip install 'dtrain[bnb]'") from None
+        raise UserError(
+            "--optim.name 8-bit optimizers need bitsandbytes: pip install 'dtrain[bnb]'"
+        ) from None
     return bitsandbytes.optim
 
 
@@ -54,7 +60,9 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     betas = (cfg.beta1, cfg.beta2)
     if cfg.name == "adamw":
         # fused on CUDA (one kernel for all params); foreach elsewhere (torch's default).
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=device.type == "cuda" or None)
+        return torch.optim.AdamW(
+            groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=device.type == "cuda" or None
+        )
     if cfg.name == "adamw_8bit":
         return _bnb().AdamW8bit(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
     if cfg.name == "paged_adamw_8bit":
@@ -84,11 +92,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_step
     elif name == "wsd":
         # never longer than what warmup leaves, so the schedule always ends at min_lr_ratio
         decay = min(max(1, round(cfg.decay_fraction * max_steps)), max(1, max_steps - warmup))
-        name, extra = "warmup_stable_decay", {
-            "num_decay_steps": decay,
-            "num_stable_steps": max(0, max_steps - warmup - decay),
-            "min_lr_ratio": cfg.min_lr_ratio,
-        }
+        name, extra = (
+            "warmup_stable_decay",
+            {
+                "num_decay_steps": decay,
+                "num_stable_steps": max(0, max_steps - warmup - decay),
+                "min_lr_ratio": cfg.min_lr_ratio,
+            },
+        )
     return get_scheduler(
-        name, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps, scheduler_specific_kwargs=extra or None
+        name,
+        optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=max_steps,
+        scheduler_specific_kwargs=extra or None,
     )

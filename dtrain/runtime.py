@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.util
 import os
 import platform
 import re
@@ -26,6 +27,13 @@ def build_accelerator(cfg: Config):
         # disagrees with Accelerate's and fails its batch-size check.
         handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=_dt.timedelta(minutes=30)))
     report_to = None if cfg.log.report_to == "none" else cfg.log.report_to
+    if (
+        report_to and importlib.util.find_spec(report_to) is None
+    ):  # Accelerate would only warn and log nothing
+        package = "dtrain[trackers]" if report_to == "tensorboard" else report_to
+        raise UserError(
+            f"--log.report_to {report_to}: the {report_to} package is not installed; pip install '{package}'"
+        )
     kwargs = {}
     if cfg.train.mixed_precision is not None:  # null: keep what the launch config says
         kwargs["mixed_precision"] = cfg.train.mixed_precision
@@ -33,7 +41,9 @@ def build_accelerator(cfg: Config):
         accelerator = Accelerator(
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
             log_with=report_to,
-            project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),
+            project_config=ProjectConfiguration(
+                project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")
+            ),
             kwargs_handlers=handlers,
             **kwargs,
         )
@@ -45,12 +55,15 @@ def build_accelerator(cfg: Config):
 
 def check_world(accelerator) -> None:
     """Fail fast on launches that would silently train the wrong job."""
+    from accelerate.utils import DistributedType
+
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
-    if env_world > 1 and accelerator.num_processes == 1:
+    alone = accelerator.distributed_type == DistributedType.NO or accelerator.num_processes != env_world
+    if env_world > 1 and alone:
         raise UserError(
             f"WORLD_SIZE={env_world} but Accelerate set up a single process, so each of the {env_world} processes "
             "would train the whole job and write the same files; on a CPU-only machine launch with "
-            "ACCELERATE_USE_CPU=1 (or `dtrain launch --cpu`)"
+            "ACCELERATE_USE_CPU=1"
         )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise UserError(
@@ -60,7 +73,17 @@ def check_world(accelerator) -> None:
 
 
 _SECRET = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.I)
-_ENV_PREFIXES = ("ACCELERATE_", "SLURM_", "CUDA_VISIBLE_DEVICES", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_", "HF_", "OMP_NUM_THREADS")
+_ENV_PREFIXES = (
+    "ACCELERATE_",
+    "SLURM_",
+    "CUDA_VISIBLE_DEVICES",
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "MASTER_",
+    "HF_",
+    "OMP_NUM_THREADS",
+)
 
 
 def _version(pkg: str) -> str | None:
@@ -72,7 +95,9 @@ def _version(pkg: str) -> str | None:
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -115,8 +140,21 @@ def run_info(accelerator, cfg: Config, argv: list[str], data_stats: dict, num_pa
         "git_dirty": dirty,
         "versions": {
             "python": platform.python_version(),
-            **{p: _version(p) for p in ("dtrain", "torch", "accelerate", "transformers", "datasets", "tokenizers",
-                                        "safetensors", "deepspeed", "bitsandbytes", "torchao")},
+            **{
+                p: _version(p)
+                for p in (
+                    "dtrain",
+                    "torch",
+                    "accelerate",
+                    "transformers",
+                    "datasets",
+                    "tokenizers",
+                    "safetensors",
+                    "deepspeed",
+                    "bitsandbytes",
+                    "torchao",
+                )
+            },
         },
         "distributed": {
             "type": str(accelerator.distributed_type),

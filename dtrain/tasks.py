@@ -48,7 +48,10 @@ def _row(name: str, text: str) -> dict:
         "instruction": instruction,
         "input": text,
         "output": answer,
-        "messages": [{"role": "user", "content": f"{instruction} {text}"}, {"role": "assistant", "content": answer}],
+        "messages": [
+            {"role": "user", "content": f"{instruction} {text}"},
+            {"role": "assistant", "content": answer},
+        ],
     }
 
 
@@ -72,7 +75,9 @@ def make_examples(tasks: list[str], n_train: int, n_eval: int, seed: int) -> tup
     return train_rows, eval_rows
 
 
-def write_synthetic_data(out_dir: Path, tasks: list[str], n_train: int, n_eval: int, seed: int) -> tuple[Path, Path]:
+def write_synthetic_data(
+    out_dir: Path, tasks: list[str], n_train: int, n_eval: int, seed: int
+) -> tuple[Path, Path]:
     """Write train.jsonl and eval.jsonl (atomically; regenerated identically from the same seed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     train_rows, eval_rows = make_examples(tasks, n_train, n_eval, seed)

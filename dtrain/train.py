@@ -17,7 +17,10 @@ import math
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python dtrain/train.py`: import the package, not dtrain/*.py as top-level modules
+if __package__ in (
+    None,
+    "",
+):  # `python dtrain/train.py`: import the package, not dtrain/*.py as top-level modules
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import torch
@@ -48,7 +51,13 @@ def load_data(cfg: Config, tokenizer, accelerator) -> Data:
             d = cfg.data
             data_dir = Path(cfg.output_dir) / "data"
             if accelerator.is_main_process:
-                write_synthetic_data(data_dir, d.synthetic_tasks, d.synthetic_train_examples, d.synthetic_eval_examples, cfg.train.seed)
+                write_synthetic_data(
+                    data_dir,
+                    d.synthetic_tasks,
+                    d.synthetic_train_examples,
+                    d.synthetic_eval_examples,
+                    cfg.train.seed,
+                )
             train_path, eval_path = str(data_dir / "train.jsonl"), str(data_dir / "eval.jsonl")
         return build_data(cfg.data, tokenizer, train_path, eval_path, cfg.train.seed, cfg.eval.num_generate)
 
@@ -89,7 +98,9 @@ def train_step(accelerator, model, optimizer, window: list[dict], max_grad_norm:
     return loss_sum, targets, tokens, positions, grad_norm
 
 
-def run_eval(accelerator, model, tokenizer, data: Data, cfg: Config, collator: Collator, step: int) -> tuple[dict, list[dict]]:
+def run_eval(
+    accelerator, model, tokenizer, data: Data, cfg: Config, collator: Collator, step: int
+) -> tuple[dict, list[dict]]:
     model.eval()
     row: dict = {"step": step}
     batch_size = cfg.eval.batch_size or cfg.train.per_device_batch_size
@@ -98,7 +109,9 @@ def run_eval(accelerator, model, tokenizer, data: Data, cfg: Config, collator: C
         row["eval_ppl"] = math.exp(min(row["eval_loss"], 50.0))
     predictions: list[dict] = []
     if data.generate and cfg.eval.num_generate:
-        scores, predictions = generate_answers(accelerator, model, tokenizer, data.generate, batch_size, cfg.eval.max_new_tokens)
+        scores, predictions = generate_answers(
+            accelerator, model, tokenizer, data.generate, batch_size, cfg.eval.max_new_tokens
+        )
         row.update({f"eval_{k}": v for k, v in scores.items()})
     model.train()
     return row, predictions
@@ -109,7 +122,9 @@ def track_best(state: TrainState, row: dict, metric: str, patience: int) -> bool
     value = row.get(f"eval_{metric}")
     if value is None or math.isnan(value):
         return False
-    better = state.best_metric is None or (value < state.best_metric if metric == "loss" else value > state.best_metric)
+    better = state.best_metric is None or (
+        value < state.best_metric if metric == "loss" else value > state.best_metric
+    )
     if better:
         state.best_metric, state.best_step, state.evals_without_improvement = value, row["step"], 0
     else:
@@ -159,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     if resume_from is not None:
         checkpointer.load(resume_from)
         if (state.step >= max_steps or state.early_stopped) and (out / "final" / "config.json").is_file():
-            accelerator.print(f"dtrain: run in {out} is already complete at step {state.step}; final model in {out / 'final'}")
+            accelerator.print(
+                f"dtrain: run in {out} is already complete at step {state.step}; final model in {out / 'final'}"
+            )
             return 0
         accelerator.print(f"dtrain: resuming from {resume_from} at step {state.step}")
     logger = MetricsLogger(accelerator, out, max_steps, state.step, cfg.log.progress_bar)
@@ -176,15 +193,29 @@ def main(argv: list[str] | None = None) -> int:
         f"x {world} = {global_batch} | {max_steps} steps | {data.stats}"
     )
 
-    collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if accelerator.device.type == "cuda" else 1)
+    collator = Collator(
+        tokenizer.pad_token_id, pad_to_multiple_of=8 if accelerator.device.type == "cuda" else 1
+    )
     batches = iter(
-        train_loader(data.train, t.per_device_batch_size, accelerator.process_index, world, t.seed,
-                     state.samples_seen, collator, cfg.data.num_workers, pin=accelerator.device.type == "cuda")
+        train_loader(
+            data.train,
+            t.per_device_batch_size,
+            accelerator.process_index,
+            world,
+            t.seed,
+            state.samples_seen,
+            collator,
+            cfg.data.num_workers,
+            pin=accelerator.device.type == "cuda",
+        )
     )
     stats = StepStats(accelerator.device)
     grad_norm = None
     predictions: list[dict] = []
     last_eval_step = -1
+    if cfg.eval.at_start and state.step == 0:
+        row, _ = run_eval(accelerator, model, tokenizer, data, cfg, collator, step=0)
+        logger.log(row)
     model.train()
     logger.restart_clock()
     while state.step < max_steps:
@@ -194,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         is_log = step % cfg.log.every_steps == 0 or step == max_steps or is_eval or is_save
         window = [next(batches) for _ in range(t.gradient_accumulation_steps)]
         lr = optimizer.param_groups[0]["lr"]
-        loss_sum, targets, tokens, positions, grad_norm = train_step(accelerator, model, optimizer, window, t.max_grad_norm, is_log)
+        loss_sum, targets, tokens, positions, grad_norm = train_step(
+            accelerator, model, optimizer, window, t.max_grad_norm, is_log
+        )
         if accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the update
             state.skipped_steps += 1
         else:
@@ -206,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         if is_log:
             sums = stats.pop(accelerator)
             state.tokens_seen += int(sums["tokens"])
-            row = logger.train_row(step, sums, lr, _to_float(grad_norm), state.samples_seen / len(data.train), state.tokens_seen)
+            row = logger.train_row(
+                step, sums, lr, _to_float(grad_norm), state.samples_seen / len(data.train), state.tokens_seen
+            )
             if accelerator.mixed_precision == "fp16":
                 row["skipped_steps"] = state.skipped_steps
             logger.log(row)
@@ -218,8 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             last_eval_step = step
             if stop_early:
                 state.early_stopped = True
-                logger.write(f"dtrain: early stopping at step {step}: no {cfg.eval.metric} improvement in "
-                             f"{cfg.eval.early_stopping_patience} evals (best {state.best_metric:.4g} at step {state.best_step})")
+                logger.write(
+                    f"dtrain: early stopping at step {step}: no {cfg.eval.metric} improvement in "
+                    f"{cfg.eval.early_stopping_patience} evals (best {state.best_metric:.4g} at step {state.best_step})"
+                )
         if (is_save and step < max_steps) or stop_early:
             checkpointer.save(state)
         if is_eval or is_save:
@@ -247,7 +284,9 @@ def report_samples(accelerator, out: Path, predictions: list[dict], n: int) -> N
         for p in predictions[:n]:
             fh.write(json.dumps(p) + "\n")
             mark = "ok " if p["correct"] else "bad"
-            print(f"[{mark}] {p['prompt']!r} -> {p['prediction']!r} (expected {p['reference']!r})", flush=True)
+            print(
+                f"[{mark}] {p['prompt']!r} -> {p['prediction']!r} (expected {p['reference']!r})", flush=True
+            )
     print(f"dtrain: final model in {out / 'final'}", flush=True)
 
 

@@ -19,8 +19,15 @@ TINY = ["--config", str(REPO / "dtrain" / "recipes" / "smoke.yaml"), "--log.prog
 
 def env_for_subprocess(**extra: str) -> dict:
     env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2")})
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONWARNINGS": "ignore",
+            "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2"),
+        }
+    )
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
         env.pop(key, None)
     env.update(extra)
@@ -30,18 +37,45 @@ def env_for_subprocess(**extra: str) -> dict:
 def run_train(args: list[str], timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
     """`python dtrain/train.py ARGS` in a fresh process, as a user would run it."""
     return subprocess.run(
-        [sys.executable, str(TRAIN), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, str(TRAIN), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env=env_for_subprocess(**env),
     )
 
 
-def run_accelerate(num_processes: int, args: list[str], timeout: int = 900, **env: str) -> subprocess.CompletedProcess:
+def run_accelerate(
+    num_processes: int, args: list[str], timeout: int = 900, **env: str
+) -> subprocess.CompletedProcess:
     """A real multi-process CPU launch (gloo), the way PLATFORM.md says works here."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(TRAIN), *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=env_for_subprocess(ACCELERATE_USE_CPU="1", **env))
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(TRAIN),
+        *args,
+    ]
+    return subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env_for_subprocess(ACCELERATE_USE_CPU="1", **env),
+    )
 
 
 def _free_port() -> int:
@@ -53,7 +87,9 @@ def _free_port() -> int:
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
+    ]
 
 
 def train_rows(output_dir: Path) -> list[dict]:
@@ -61,7 +97,9 @@ def train_rows(output_dir: Path) -> list[dict]:
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -73,9 +111,17 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("model") / "tiny-llama"
     tok = build_char_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -95,7 +95,9 @@ def test_alpaca_without_input_uses_no_input_prompt(tok, row):
 
 
 def test_alpaca_numeric_output_is_stringified(tok):
-    enc = encode({"instruction": "Add the numbers.", "input": "2+3", "output": 5}, tok, DataConfig(template="alpaca"))
+    enc = encode(
+        {"instruction": "Add the numbers.", "input": "2+3", "output": 5}, tok, DataConfig(template="alpaca")
+    )
     assert tok.decode(trained(enc)) == "5" + tok.eos_token
 
 
@@ -215,7 +217,12 @@ def test_build_data_holds_out_eval_fraction(tok, tmp_path):
     rows = [{"instruction": "Copy.", "input": str(i), "output": str(i)} for i in range(50)]
     write_jsonl(tmp_path / "train.jsonl", rows)
     data = build_data(
-        DataConfig(template="alpaca", eval_fraction=0.1), tok, str(tmp_path / "train.jsonl"), None, seed=1, num_generate=100
+        DataConfig(template="alpaca", eval_fraction=0.1),
+        tok,
+        str(tmp_path / "train.jsonl"),
+        None,
+        seed=1,
+        num_generate=100,
     )
     assert len(data.train) + len(data.eval) == 50
     assert len(data.eval) == 5

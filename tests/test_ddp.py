@@ -11,8 +11,16 @@ from conftest import REPO, TINY, TRAIN, assert_ok, env_for_subprocess, run_accel
 
 pytestmark = pytest.mark.slow
 
-SHAPE = ["--train.max_steps", "6", "--train.gradient_accumulation_steps", "2", "--checkpoint.save_steps", "3",
-         "--eval.steps", "3"]
+SHAPE = [
+    "--train.max_steps",
+    "6",
+    "--train.gradient_accumulation_steps",
+    "2",
+    "--checkpoint.save_steps",
+    "3",
+    "--eval.steps",
+    "3",
+]
 
 
 def test_two_ranks_train_the_same_math_as_one(tmp_path):
@@ -44,9 +52,26 @@ def test_multi_gpu_without_cpu_flag_is_refused(tmp_path):
     think they are alone; the script must refuse instead of training the job twice."""
     out = tmp_path / "run"
     env = env_for_subprocess()
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-           str(TRAIN), *TINY, "--output_dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29533",
+        str(TRAIN),
+        *TINY,
+        "--output_dir",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode != 0
     assert "ACCELERATE_USE_CPU=1" in proc.stderr
@@ -56,7 +81,9 @@ def test_multi_gpu_without_cpu_flag_is_refused(tmp_path):
 def test_two_rank_resume_is_exact(tmp_path):
     """A 2-rank DDP checkpoint continues on 2 ranks with the same losses as the straight run."""
     straight = tmp_path / "straight"
-    proc = run_accelerate(2, [*TINY, *SHAPE, "--output_dir", str(straight), "--train.per_device_batch_size", "2"])
+    proc = run_accelerate(
+        2, [*TINY, *SHAPE, "--output_dir", str(straight), "--train.per_device_batch_size", "2"]
+    )
     assert_ok(proc)
     import shutil
 
@@ -64,7 +91,9 @@ def test_two_rank_resume_is_exact(tmp_path):
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(straight / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
     shutil.copytree(straight / "data", resumed / "data")
-    proc = run_accelerate(2, [*TINY, *SHAPE, "--output_dir", str(resumed), "--train.per_device_batch_size", "2"])
+    proc = run_accelerate(
+        2, [*TINY, *SHAPE, "--output_dir", str(resumed), "--train.per_device_batch_size", "2"]
+    )
     assert_ok(proc)
     a = {r["step"]: r["loss"] for r in train_rows(straight)}
     b = {r["step"]: r["loss"] for r in train_rows(resumed)}
@@ -72,5 +101,8 @@ def test_two_rank_resume_is_exact(tmp_path):
     assert all(a[s] == b[s] for s in b), (a, b)
     from safetensors.torch import load_file
 
-    wa, wb = load_file(straight / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    wa, wb = (
+        load_file(straight / "final" / "model.safetensors"),
+        load_file(resumed / "final" / "model.safetensors"),
+    )
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -26,37 +26,77 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def test_missing_data_file(tmp_path, tiny_model_dir):
-    proc = run_train(["--output_dir", str(tmp_path / "o"), "--model.name_or_path", str(tiny_model_dir),
-                      "--data.path", str(tmp_path / "missing.jsonl")])
+    proc = run_train(
+        [
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--model.name_or_path",
+            str(tiny_model_dir),
+            "--data.path",
+            str(tmp_path / "missing.jsonl"),
+        ]
+    )
     _fails(proc, "--data.path", "missing.jsonl", "does not exist")
 
 
 def test_dataset_without_template_columns(tmp_path, tiny_model_dir):
     data = _write_jsonl(tmp_path / "d.jsonl", [{"question": "a", "answer": "b"}] * 4)
-    proc = run_train(["--output_dir", str(tmp_path / "o"), "--model.name_or_path", str(tiny_model_dir),
-                      "--data.path", str(data), "--data.template", "alpaca"])
+    proc = run_train(
+        [
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--model.name_or_path",
+            str(tiny_model_dir),
+            "--data.path",
+            str(data),
+            "--data.template",
+            "alpaca",
+        ]
+    )
     _fails(proc, "--data.path", "'instruction'", "'output'", "alpaca", "question")
 
 
 def test_empty_dataset(tmp_path, tiny_model_dir):
     data = tmp_path / "empty.jsonl"
     data.write_text("")
-    proc = run_train(["--output_dir", str(tmp_path / "o"), "--model.name_or_path", str(tiny_model_dir),
-                      "--data.path", str(data)])
+    proc = run_train(
+        [
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--model.name_or_path",
+            str(tiny_model_dir),
+            "--data.path",
+            str(data),
+        ]
+    )
     _fails(proc, "--data.path", "no rows")
 
 
 def test_model_path_does_not_exist(tmp_path):
     data = _write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}] * 4)
-    proc = run_train(["--output_dir", str(tmp_path / "o"), "--model.name_or_path", str(tmp_path / "no-model"),
-                      "--data.path", str(data), "--data.template", "text"])
+    proc = run_train(
+        [
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--model.name_or_path",
+            str(tmp_path / "no-model"),
+            "--data.path",
+            str(data),
+            "--data.template",
+            "text",
+        ]
+    )
     _fails(proc, "--model.name_or_path", "does not exist")
 
 
 @pytest.mark.parametrize(
     ("flag", "value"),
-    [("--train.per_device_batch_size", "0"), ("--train.per_device_batch_size", "-4"), ("--train.max_steps", "0"),
-     ("--train.gradient_accumulation_steps", "-1")],
+    [
+        ("--train.per_device_batch_size", "0"),
+        ("--train.per_device_batch_size", "-4"),
+        ("--train.max_steps", "0"),
+        ("--train.gradient_accumulation_steps", "-1"),
+    ],
 )
 def test_non_positive_sizes(tmp_path, flag, value):
     proc = run_train(["--output_dir", str(tmp_path / "o"), flag, value])
@@ -76,13 +116,36 @@ def test_fp16_on_cpu_is_refused(tmp_path):
 
 def test_earlier_run_is_never_overwritten(tmp_path):
     out = tmp_path / "run"
-    args = [*TINY, "--output_dir", str(out), "--train.max_steps", "2", "--eval.steps", "0", "--checkpoint.save_steps", "0"]
+    args = [
+        *TINY,
+        "--output_dir",
+        str(out),
+        "--train.max_steps",
+        "2",
+        "--eval.steps",
+        "0",
+        "--checkpoint.save_steps",
+        "0",
+    ]
     assert_ok(run_train(args))
     digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()}
     proc = run_train([*args, "--checkpoint.resume", "never"])
     _fails(proc, "--output_dir", "earlier run", "--overwrite_output_dir")
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()} == digest
     # with the explicit flag it starts over
-    proc = run_train([*args, "--checkpoint.resume", "never", "--overwrite_output_dir", "true", "--train.max_steps", "3"])
+    proc = run_train(
+        [*args, "--checkpoint.resume", "never", "--overwrite_output_dir", "true", "--train.max_steps", "3"]
+    )
     assert_ok(proc)
-    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if "\"loss\"" in x] == [1, 2, 3]
+    assert [
+        json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
+    ] == [1, 2, 3]
+
+
+def test_tracker_that_is_not_installed(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed here")
+    proc = run_train(["--output_dir", str(tmp_path / "o"), "--log.report_to", "mlflow"])
+    _fails(proc, "--log.report_to mlflow", "pip install")

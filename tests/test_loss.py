@@ -46,7 +46,12 @@ def _grads(micro_batch: int, accumulation: int) -> tuple[list[torch.Tensor], flo
     accelerator = Accelerator(gradient_accumulation_steps=accumulation, cpu=True)
     tok = build_char_tokenizer()
     torch.manual_seed(0)
-    model = build_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tok, DataConfig(), EvalConfig())
+    model = build_model(
+        ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+        tok,
+        DataConfig(),
+        EvalConfig(),
+    )
     opt = GradCapture(model.parameters())
     model, opt = accelerator.prepare(model, opt)
     collate = Collator(tok.pad_token_id)
@@ -73,13 +78,20 @@ def test_mean_of_means_would_differ():
     tok = build_char_tokenizer()
     collate = Collator(tok.pad_token_id)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tok, DataConfig(), EvalConfig())
+    model = build_model(
+        ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+        tok,
+        DataConfig(),
+        EvalConfig(),
+    )
     rows = _examples(tok)
     with torch.no_grad():
         means, total, count = [], 0.0, 0
         for i in range(0, 8, 2):
             b = collate(rows[i : i + 2])
-            s = token_loss_sum(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+            s = token_loss_sum(
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]
+            )
             n = (b["labels"][:, 1:] != IGNORE_INDEX).sum()
             means.append((s / n).item())
             total, count = total + s.item(), count + n.item()
@@ -89,12 +101,23 @@ def test_mean_of_means_would_differ():
 def test_padding_never_counts():
     tok = build_char_tokenizer()
     torch.manual_seed(0)
-    model = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tok, DataConfig(), EvalConfig())
+    model = build_model(
+        ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+        tok,
+        DataConfig(),
+        EvalConfig(),
+    )
     row = _examples(tok, 1)[0]
     alone = Collator(tok.pad_token_id)([row])
     padded = Collator(tok.pad_token_id, pad_to_multiple_of=64)([row])
     assert padded["input_ids"].shape[1] > alone["input_ids"].shape[1]
     with torch.no_grad():
-        a = token_loss_sum(model(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"]).logits, alone["labels"])
-        b = token_loss_sum(model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits, padded["labels"])
+        a = token_loss_sum(
+            model(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"]).logits,
+            alone["labels"],
+        )
+        b = token_loss_sum(
+            model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits,
+            padded["labels"],
+        )
     assert abs(a.item() - b.item()) < 1e-4

@@ -12,7 +12,13 @@ from dtrain.tasks import TASKS, build_char_tokenizer, exact_match, make_examples
 
 ALL_TASKS = ["reverse", "sort", "add", "upper", "copy"]
 PRINTABLE = [chr(i) for i in range(32, 127)] + ["\n", "\t"]
-INSTRUCTIONS = {"reverse": "Reverse:", "sort": "Sort:", "add": "Add:", "upper": "Capitalize:", "copy": "Copy:"}
+INSTRUCTIONS = {
+    "reverse": "Reverse:",
+    "sort": "Sort:",
+    "add": "Add:",
+    "upper": "Capitalize:",
+    "copy": "Copy:",
+}
 
 
 def solve(task: str, text: str) -> str:

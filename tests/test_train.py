@@ -16,15 +16,38 @@ from dtrain.config import load_config_file
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, object]:
     out = tmp_path_factory.mktemp("tiny") / "run"
-    proc = run_train([*TINY, "--output_dir", str(out), "--train.max_steps", "12", "--checkpoint.save_steps", "4",
-                      "--eval.steps", "6", "--optim.lr", "1e-2", "--optim.warmup_steps", "2"])
+    proc = run_train(
+        [
+            *TINY,
+            "--output_dir",
+            str(out),
+            "--train.max_steps",
+            "12",
+            "--checkpoint.save_steps",
+            "4",
+            "--eval.steps",
+            "6",
+            "--optim.lr",
+            "1e-2",
+            "--optim.warmup_steps",
+            "2",
+        ]
+    )
     assert_ok(proc)
     return out, proc
 
 
 def test_run_directory_layout(tiny_run):
     out, _ = tiny_run
-    for name in ("config.yaml", "run_info.json", "metrics.jsonl", "samples.jsonl", "checkpoints", "final", "data/train.jsonl"):
+    for name in (
+        "config.yaml",
+        "run_info.json",
+        "metrics.jsonl",
+        "samples.jsonl",
+        "checkpoints",
+        "final",
+        "data/train.jsonl",
+    ):
         assert (out / name).exists(), name
     final = out / "final"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
@@ -87,7 +110,9 @@ def test_final_model_reloads_and_generates(tiny_run):
     out, _ = tiny_run
     tok = AutoTokenizer.from_pretrained(out / "final")
     model = AutoModelForCausalLM.from_pretrained(out / "final")
-    ids = tok("### Instruction:\nReverse the letters.\n\n### Input:\nabc\n\n### Response:\n", return_tensors="pt")
+    ids = tok(
+        "### Instruction:\nReverse the letters.\n\n### Input:\nabc\n\n### Response:\n", return_tensors="pt"
+    )
     gen = model.generate(**ids, max_new_tokens=5, do_sample=False)
     assert gen.shape[1] > ids["input_ids"].shape[1]
     # The exported weights are the trained ones: the last checkpoint holds the same tensors.
@@ -110,8 +135,23 @@ def test_samples_are_printed_and_saved(tiny_run):
 def test_rerun_of_a_finished_run_changes_nothing(tiny_run):
     out, _ = tiny_run
     before = (out / "metrics.jsonl").read_bytes()
-    proc = run_train([*TINY, "--output_dir", str(out), "--train.max_steps", "12", "--checkpoint.save_steps", "4",
-                      "--eval.steps", "6", "--optim.lr", "1e-2", "--optim.warmup_steps", "2"])
+    proc = run_train(
+        [
+            *TINY,
+            "--output_dir",
+            str(out),
+            "--train.max_steps",
+            "12",
+            "--checkpoint.save_steps",
+            "4",
+            "--eval.steps",
+            "6",
+            "--optim.lr",
+            "1e-2",
+            "--optim.warmup_steps",
+            "2",
+        ]
+    )
     assert_ok(proc)
     assert "already complete at step 12" in proc.stdout
     assert (out / "metrics.jsonl").read_bytes() == before
@@ -124,8 +164,23 @@ def test_resume_auto_continues_exactly(tiny_run, tmp_path):
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(out / "checkpoints" / "step-00000008", resumed / "checkpoints" / "step-00000008")
     shutil.copytree(out / "data", resumed / "data")
-    proc = run_train([*TINY, "--output_dir", str(resumed), "--train.max_steps", "12", "--checkpoint.save_steps", "4",
-                      "--eval.steps", "6", "--optim.lr", "1e-2", "--optim.warmup_steps", "2"])
+    proc = run_train(
+        [
+            *TINY,
+            "--output_dir",
+            str(resumed),
+            "--train.max_steps",
+            "12",
+            "--checkpoint.save_steps",
+            "4",
+            "--eval.steps",
+            "6",
+            "--optim.lr",
+            "1e-2",
+            "--optim.warmup_steps",
+            "2",
+        ]
+    )
     assert_ok(proc)
     assert "resuming from" in proc.stdout
     straight = {r["step"]: r["loss"] for r in train_rows(out)}
@@ -140,9 +195,27 @@ def test_resume_auto_continues_exactly(tiny_run, tmp_path):
 
 def test_gradient_accumulation_bf16_and_unclipped_norm(tmp_path):
     out = tmp_path / "run"
-    proc = run_train([*TINY, "--output_dir", str(out), "--train.gradient_accumulation_steps", "2",
-                      "--train.mixed_precision", "bf16", "--train.max_grad_norm", "0", "--checkpoint.save_steps", "0",
-                      "--eval.steps", "0", "--eval.num_generate", "0", "--train.max_steps", "4"])
+    proc = run_train(
+        [
+            *TINY,
+            "--output_dir",
+            str(out),
+            "--train.gradient_accumulation_steps",
+            "2",
+            "--train.mixed_precision",
+            "bf16",
+            "--train.max_grad_norm",
+            "0",
+            "--checkpoint.save_steps",
+            "0",
+            "--eval.steps",
+            "0",
+            "--eval.num_generate",
+            "0",
+            "--train.max_steps",
+            "4",
+        ]
+    )
     assert_ok(proc)
     rows = train_rows(out)
     assert len(rows) == 4 and all(r["grad_norm"] > 0 for r in rows)
@@ -154,9 +227,54 @@ def test_gradient_accumulation_bf16_and_unclipped_norm(tmp_path):
 
 def test_early_stopping(tmp_path):
     out = tmp_path / "run"
-    proc = run_train([*TINY, "--output_dir", str(out), "--train.max_steps", "40", "--eval.steps", "2",
-                      "--eval.metric", "exact_match", "--eval.early_stopping_patience", "1", "--optim.lr", "1e-5"])
+    proc = run_train(
+        [
+            *TINY,
+            "--output_dir",
+            str(out),
+            "--train.max_steps",
+            "40",
+            "--eval.steps",
+            "2",
+            "--eval.metric",
+            "exact_match",
+            "--eval.early_stopping_patience",
+            "1",
+            "--optim.lr",
+            "1e-5",
+        ]
+    )
     assert_ok(proc)
     assert "early stopping at step 4" in proc.stdout
     assert train_rows(out)[-1]["step"] == 4
     assert (out / "final" / "model.safetensors").exists()
+
+
+def test_tensorboard_tracker_gets_the_same_numbers(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    proc = run_train(
+        [
+            *TINY,
+            "--output_dir",
+            str(out),
+            "--log.report_to",
+            "tensorboard",
+            "--train.max_steps",
+            "3",
+            "--eval.steps",
+            "0",
+            "--checkpoint.save_steps",
+            "0",
+        ]
+    )
+    assert_ok(proc)
+    events = list((out / "logs").rglob("events.out.tfevents*"))
+    assert events, list(out.rglob("*"))
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    logged = {e.step: e.value for e in acc.Scalars("loss")}
+    assert logged.keys() == {1, 2, 3}
+    for row in train_rows(out):
+        assert logged[row["step"]] == pytest.approx(row["loss"], rel=1e-6)

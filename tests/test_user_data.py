@@ -10,9 +10,24 @@ from conftest import REPO, assert_ok, read_metrics, run_train, train_rows
 
 from dtrain.config import parse_config
 
-FAST = ["--train.max_steps", "4", "--train.per_device_batch_size", "4", "--eval.steps", "0",
-        "--checkpoint.save_steps", "0", "--log.every_steps", "1", "--log.progress_bar", "false",
-        "--eval.max_new_tokens", "4", "--optim.lr", "1e-2"]
+FAST = [
+    "--train.max_steps",
+    "4",
+    "--train.per_device_batch_size",
+    "4",
+    "--eval.steps",
+    "0",
+    "--checkpoint.save_steps",
+    "0",
+    "--log.every_steps",
+    "1",
+    "--log.progress_bar",
+    "false",
+    "--eval.max_new_tokens",
+    "4",
+    "--optim.lr",
+    "1e-2",
+]
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -30,11 +45,27 @@ def _reloads(final: Path) -> None:
 
 
 def test_alpaca_file_with_local_model(tmp_path, tiny_model_dir):
-    rows = [{"instruction": "Echo.", "input": w, "output": w} for w in ("abc", "xyz", "hello", "world", "dog", "cat")] * 8
+    rows = [
+        {"instruction": "Echo.", "input": w, "output": w}
+        for w in ("abc", "xyz", "hello", "world", "dog", "cat")
+    ] * 8
     data = _jsonl(tmp_path / "alpaca.jsonl", rows)
     out = tmp_path / "run"
-    proc = run_train(["--model.name_or_path", str(tiny_model_dir), "--data.path", str(data), "--data.template", "alpaca", "--data.eval_fraction", "0.25",
-                      "--output_dir", str(out), *FAST])
+    proc = run_train(
+        [
+            "--model.name_or_path",
+            str(tiny_model_dir),
+            "--data.path",
+            str(data),
+            "--data.template",
+            "alpaca",
+            "--data.eval_fraction",
+            "0.25",
+            "--output_dir",
+            str(out),
+            *FAST,
+        ]
+    )
     assert_ok(proc)
     info = json.loads((out / "run_info.json").read_text())
     assert info["data"]["train_examples"] == 36 and info["data"]["eval_examples"] == 12
@@ -44,13 +75,30 @@ def test_alpaca_file_with_local_model(tmp_path, tiny_model_dir):
 
 
 def test_chat_file(tmp_path, tiny_model_dir):
-    conv = [{"role": "user", "content": "say yes"}, {"role": "assistant", "content": "yes"},
-            {"role": "user", "content": "say no"}, {"role": "assistant", "content": "no"}]
+    conv = [
+        {"role": "user", "content": "say yes"},
+        {"role": "assistant", "content": "yes"},
+        {"role": "user", "content": "say no"},
+        {"role": "assistant", "content": "no"},
+    ]
     data = _jsonl(tmp_path / "chat.jsonl", [{"messages": conv}] * 20)
     eval_data = _jsonl(tmp_path / "chat_eval.jsonl", [{"messages": conv}] * 4)
     out = tmp_path / "run"
-    proc = run_train(["--model.name_or_path", str(tiny_model_dir), "--data.path", str(data),
-                      "--data.eval_path", str(eval_data), "--data.template", "chat", "--output_dir", str(out), *FAST])
+    proc = run_train(
+        [
+            "--model.name_or_path",
+            str(tiny_model_dir),
+            "--data.path",
+            str(data),
+            "--data.eval_path",
+            str(eval_data),
+            "--data.template",
+            "chat",
+            "--output_dir",
+            str(out),
+            *FAST,
+        ]
+    )
     assert_ok(proc)
     rows = train_rows(out)
     assert len(rows) == 4 and rows[-1]["loss"] < rows[0]["loss"]
@@ -67,9 +115,25 @@ def test_text_template_truncates_and_counts(tmp_path, tiny_model_dir, fmt):
     frame = pd.DataFrame({"text": texts})
     frame.to_csv(path, index=False) if fmt == "csv" else frame.to_parquet(path)
     out = tmp_path / "run"
-    proc = run_train(["--model.name_or_path", str(tiny_model_dir), "--data.path", str(path), "--data.template", "text",
-                      "--data.max_length", "32", "--data.eval_fraction", "0.2", "--eval.num_generate", "0",
-                      "--output_dir", str(out), *FAST])
+    proc = run_train(
+        [
+            "--model.name_or_path",
+            str(tiny_model_dir),
+            "--data.path",
+            str(path),
+            "--data.template",
+            "text",
+            "--data.max_length",
+            "32",
+            "--data.eval_fraction",
+            "0.2",
+            "--eval.num_generate",
+            "0",
+            "--output_dir",
+            str(out),
+            *FAST,
+        ]
+    )
     assert_ok(proc)
     info = json.loads((out / "run_info.json").read_text())["data"]
     assert info["train_examples"] + info["eval_examples"] == 20  # truncated, never dropped
