@@ -22,7 +22,7 @@ def eval_loss(accelerator, model, dataset, batch_size: int, collator: Collator) 
         dataset, batch_size, accelerator.process_index, accelerator.num_processes, collator
     ):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"]).logits  # right-padded: no mask needed (see train_step)
         sums += torch.stack(
             [token_loss_sum(logits, batch["labels"]).double(), count_targets(batch["labels"]).double()]
         )

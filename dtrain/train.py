@@ -84,7 +84,10 @@ def train_step(accelerator, model, optimizer, window: list[dict], max_grad_norm:
     grad_norm = None
     for batch in window:
         with accelerator.accumulate(model):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # Batches are right-padded, so under the causal mask no real token ever sees a pad: the
+            # attention mask is redundant. Passing none keeps attention on the fast causal path and
+            # avoids transformers' is-there-padding check, a host sync per forward.
+            logits = model(input_ids=batch["input_ids"]).logits
             batch_loss = token_loss_sum(logits, batch["labels"])
             accelerator.backward(batch_loss * scale)
             loss_sum += batch_loss.detach()

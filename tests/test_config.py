@@ -34,7 +34,6 @@ def test_defaults_parse_to_the_dataclass_defaults():
     cfg = parse_config([])
     assert isinstance(cfg, Config)
     assert cfg.to_dict() == Config().to_dict()
-    assert cfg.train.max_steps == 700
     assert cfg.optim.name == "adamw"
     assert cfg.data.synthetic_tasks == ["reverse", "sort", "add", "upper"]
 

@@ -12,27 +12,25 @@ from conftest import TINY, assert_ok, read_metrics, run_train, train_rows
 
 from dtrain.config import load_config_file
 
+# 12 steps, checkpoints at 4, 8, 12 (keep_last 2), evals at 6 and 12, warmup over 2 steps.
+TWELVE_STEPS = [
+    "--train.max_steps",
+    "12",
+    "--checkpoint.save_steps",
+    "4",
+    "--eval.steps",
+    "6",
+    "--optim.lr",
+    "1e-2",
+    "--optim.warmup_steps",
+    "2",
+]
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, object]:
     out = tmp_path_factory.mktemp("tiny") / "run"
-    proc = run_train(
-        [
-            *TINY,
-            "--output_dir",
-            str(out),
-            "--train.max_steps",
-            "12",
-            "--checkpoint.save_steps",
-            "4",
-            "--eval.steps",
-            "6",
-            "--optim.lr",
-            "1e-2",
-            "--optim.warmup_steps",
-            "2",
-        ]
-    )
+    proc = run_train([*TINY, *TWELVE_STEPS, "--output_dir", str(out)], HF_TOKEN="hf_do_not_leak_me")
     assert_ok(proc)
     return out, proc
 
@@ -92,6 +90,8 @@ def test_run_info_has_what_reproduces_the_run(tiny_run):
     assert "--output_dir" in info["command"]
     assert info["data"]["train_examples"] == 240
     assert info["model_parameters"] > 0
+    assert info["environment"]["HF_TOKEN"] == "***"
+    assert "hf_do_not_leak_me" not in (out / "run_info.json").read_text()
 
 
 def test_checkpoints_are_committed_and_rotated(tiny_run):
@@ -135,23 +135,7 @@ def test_samples_are_printed_and_saved(tiny_run):
 def test_rerun_of_a_finished_run_changes_nothing(tiny_run):
     out, _ = tiny_run
     before = (out / "metrics.jsonl").read_bytes()
-    proc = run_train(
-        [
-            *TINY,
-            "--output_dir",
-            str(out),
-            "--train.max_steps",
-            "12",
-            "--checkpoint.save_steps",
-            "4",
-            "--eval.steps",
-            "6",
-            "--optim.lr",
-            "1e-2",
-            "--optim.warmup_steps",
-            "2",
-        ]
-    )
+    proc = run_train([*TINY, *TWELVE_STEPS, "--output_dir", str(out)])
     assert_ok(proc)
     assert "already complete at step 12" in proc.stdout
     assert (out / "metrics.jsonl").read_bytes() == before
@@ -164,23 +148,7 @@ def test_resume_auto_continues_exactly(tiny_run, tmp_path):
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(out / "checkpoints" / "step-00000008", resumed / "checkpoints" / "step-00000008")
     shutil.copytree(out / "data", resumed / "data")
-    proc = run_train(
-        [
-            *TINY,
-            "--output_dir",
-            str(resumed),
-            "--train.max_steps",
-            "12",
-            "--checkpoint.save_steps",
-            "4",
-            "--eval.steps",
-            "6",
-            "--optim.lr",
-            "1e-2",
-            "--optim.warmup_steps",
-            "2",
-        ]
-    )
+    proc = run_train([*TINY, *TWELVE_STEPS, "--output_dir", str(resumed)])
     assert_ok(proc)
     assert "resuming from" in proc.stdout
     straight = {r["step"]: r["loss"] for r in train_rows(out)}
