@@ -5,7 +5,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,deepspeed,bnb,trackers
+EXTRAS ?= dev,deepspeed,bnb,torchao,trackers
 
 .PHONY: train test lint venv clean
 

@@ -7,7 +7,8 @@ import sys
 USAGE = """usage: dtrain <command> [args]
 
 commands:
-  train   run the training script (same flags as `python dtrain/train.py`; --help lists them)
+  train    run the training script (same flags as `python dtrain/train.py`; --help lists them)
+  launch   check a launch profile and run `accelerate launch` with it (dtrain launch --help)
 """
 
 
@@ -21,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
         from dtrain.train import run
 
         return run(rest)
+    if command == "launch":
+        from dtrain.launch import main as launch_main
+
+        return launch_main(rest)
     if command in ("-V", "--version"):
         from dtrain import __version__
 

@@ -107,8 +107,9 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"] = "adamw"
-    """Optimizer. The 8-bit ones need bitsandbytes (pip extra `bnb`)."""
+    name: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adamw_8bit_ao", "adafactor", "sgd"] = "adamw"
+    """Optimizer. adamw_8bit and paged_adamw_8bit need bitsandbytes (extra `bnb`; not under FSDP);
+    adamw_8bit_ao is torchao's AdamW8bit (extra `torchao`; works on FSDP's sharded parameters)."""
     lr: float = 3e-3
     """Peak learning rate (after warmup). 3e-3 suits the embedded tiny model; ~1e-5..2e-4 for fine-tuning."""
     head_lr: float | None = None

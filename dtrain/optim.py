@@ -67,6 +67,14 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
         return _bnb().AdamW8bit(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
     if cfg.name == "paged_adamw_8bit":
         return _bnb().PagedAdamW8bit(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+    if cfg.name == "adamw_8bit_ao":
+        try:
+            from torchao.optim import AdamW8bit
+        except ImportError:
+            raise UserError(
+                "--optim.name adamw_8bit_ao needs torchao: pip install 'dtrain[torchao]'"
+            ) from None
+        return AdamW8bit(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
     if cfg.name == "adafactor":
         return torch.optim.Adafactor(groups, lr=cfg.lr)
     if cfg.name == "sgd":

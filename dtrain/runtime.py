@@ -49,8 +49,95 @@ def build_accelerator(cfg: Config):
         )
     except (ValueError, ImportError) as exc:  # e.g. bf16 on a GPU without it, a tracker not installed
         raise UserError(f"could not set up Accelerate: {' '.join(str(exc).split())[:300]}") from None
+    enable_fsdp_on_cpu(accelerator)
+    configure_deepspeed(accelerator, cfg)
     check_world(accelerator)
+    check_optimizer_support(accelerator, cfg)
     return accelerator
+
+
+# Accelerate versions whose internals `enable_fsdp_on_cpu` was written and tested against.
+FSDP_ON_CPU_TESTED = ("1.15",)
+
+
+def enable_fsdp_on_cpu(accelerator) -> bool:
+    """CPU rehearsal of FSDP: Accelerate keeps the FSDP plugin only for GPU-like distributed types and on
+    MULTI_CPU silently wraps the model in DDP instead. Put FSDP back so `prepare` really shards (FSDP2
+    over gloo). Uses Accelerate internals: `check_world` fails loudly if this ever stops working."""
+    import accelerate
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not (wants_fsdp and state.distributed_type == DistributedType.MULTI_CPU):
+        return False
+    if not accelerate.__version__.startswith(FSDP_ON_CPU_TESTED):
+        print(
+            f"dtrain: FSDP on CPU is tested with Accelerate {', '.join(FSDP_ON_CPU_TESTED)}; "
+            f"this is {accelerate.__version__}",
+            file=sys.stderr,
+        )
+    plugin = (
+        FullyShardedDataParallelPlugin()
+    )  # no arguments: reads the FSDP_* variables `accelerate launch` set
+    if state.mixed_precision != "no":  # what AcceleratorState does for FSDP on GPUs
+        plugin.set_mixed_precision(state.mixed_precision)
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy) and not torch.cuda.is_available():
+        plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)  # pinning needs an accelerator device
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return True
+
+
+def configure_deepspeed(accelerator, cfg: Config) -> None:
+    """Fill the DeepSpeed "auto" values Accelerate cannot infer: dtrain's DataLoader does not go through
+    `prepare` (micro batch), and DeepSpeed clips inside its own step (else at Accelerate's default 1.0)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    wanted = {
+        "train_micro_batch_size_per_gpu": ("train.per_device_batch_size", cfg.train.per_device_batch_size),
+        "gradient_clipping": ("train.max_grad_norm", cfg.train.max_grad_norm),
+        "gradient_accumulation_steps": (
+            "train.gradient_accumulation_steps",
+            cfg.train.gradient_accumulation_steps,
+        ),
+    }
+    for key, (flag, value) in wanted.items():
+        current = ds.get(key, "auto")
+        if current == "auto":
+            if key != "gradient_accumulation_steps":  # Accelerate fills that one from the Accelerator
+                ds[key] = value
+        elif current != value:
+            raise UserError(
+                f'the DeepSpeed config sets {key}={current} but --{flag} is {value}; set it to "auto" in the JSON'
+            )
+
+
+def check_optimizer_support(accelerator, cfg: Config) -> None:
+    """Optimizer x strategy combinations that fail late or are silently changed."""
+    from accelerate.utils import DistributedType
+
+    name = cfg.optim.name
+    if accelerator.is_fsdp2 and name in ("adamw_8bit", "paged_adamw_8bit"):
+        raise UserError(
+            f"--optim.name {name} (bitsandbytes) does not work under FSDP2: its kernels reject the sharded "
+            "DTensor parameters; use --optim.name adamw_8bit_ao (torchao) or a DeepSpeed profile"
+        )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and name != "adamw":
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+        if offload not in ("none", None) and ds.get("zero_force_ds_cpu_optimizer", True):
+            raise UserError(
+                f"DeepSpeed optimizer offload would silently replace --optim.name {name} by its CPU Adam; "
+                "use --optim.name adamw with offload, or a profile without offload"
+            )
 
 
 def check_world(accelerator) -> None:
@@ -59,6 +146,19 @@ def check_world(accelerator) -> None:
 
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     alone = accelerator.distributed_type == DistributedType.NO or accelerator.num_processes != env_world
+    for kind, wanted in (("DEEPSPEED", DistributedType.DEEPSPEED), ("FSDP", DistributedType.FSDP)):
+        if (
+            os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true"
+            and accelerator.distributed_type != wanted
+        ):
+            hint = (
+                " (ACCELERATE_USE_CPU=1 disables DeepSpeed: on CPU launch DeepSpeed profiles without it)"
+                if kind == "DEEPSPEED"
+                else ""
+            )
+            raise UserError(
+                f"the launch config asks for {kind} but Accelerate set up {accelerator.distributed_type}{hint}"
+            )
     if env_world > 1 and alone:
         raise UserError(
             f"WORLD_SIZE={env_world} but Accelerate set up a single process, so each of the {env_world} processes "

@@ -1,0 +1,271 @@
+"""`dtrain launch PROFILE ... -- [train.py args]`: pre-flight checks, then the exact `accelerate launch`.
+
+This is the launch side: it runs before any training process starts and never imports the
+training modules beyond the config schema (to validate the training flags up front).
+
+    dtrain launch zero3 --gpus 8 -- --config my.yaml
+    dtrain launch fsdp --cpu --gpus 2 -- --train.max_steps 20      # rehearse on 2 CPU processes (gloo)
+    dtrain launch ddp --nodes 2 --node-rank 0 --main-address 10.0.0.1:29500 -- --config my.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dtrain.config import Config, ConfigError, UserError, parse_config
+
+REPO = Path(__file__).resolve().parent.parent
+PROFILE_DIR = REPO / "accelerate_configs"
+TRAIN_SCRIPT = REPO / "dtrain" / "train.py"
+BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
+DEFAULT_PORT = 29500
+
+
+@dataclass
+class Profile:
+    name: str
+    path: Path
+    settings: dict
+    ds_config_path: Path | None = None
+    ds_config: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """single, ddp, fsdp or deepspeed."""
+        dist = self.settings.get("distributed_type", "NO")
+        return {"DEEPSPEED": "deepspeed", "FSDP": "fsdp", "MULTI_GPU": "ddp"}.get(dist, "single")
+
+    @property
+    def zero_stage(self) -> int | None:
+        return self.ds_config.get("zero_optimization", {}).get("stage") if self.kind == "deepspeed" else None
+
+    @property
+    def offloads(self) -> bool:
+        if self.kind == "fsdp":
+            return bool(self.settings.get("fsdp_config", {}).get("fsdp_offload_params"))
+        zero = self.ds_config.get("zero_optimization", {})
+        return any(
+            zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param")
+        )
+
+
+def list_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise UserError(
+            f"unknown profile '{name_or_path}'; choose one of {', '.join(list_profiles())} or give a YAML path"
+        )
+    try:
+        settings = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"profile {path}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
+    profile = Profile(name=path.stem, path=path.resolve(), settings=settings)
+    if profile.kind == "deepspeed":
+        rel = settings.get("deepspeed_config", {}).get("deepspeed_config_file")
+        if not rel:
+            raise UserError(f"profile {path}: deepspeed_config.deepspeed_config_file is not set")
+        ds_path = Path(rel) if Path(rel).is_absolute() else REPO / rel
+        if not ds_path.is_file():
+            raise UserError(f"profile {path}: DeepSpeed config '{rel}' not found (looked at {ds_path})")
+        try:
+            profile.ds_config = json.loads(ds_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{ds_path}: not valid JSON ({exc})") from None
+        profile.ds_config_path = ds_path
+    return profile
+
+
+def preflight(
+    profile: Profile, cfg: Config, gpus: int, cpu: bool, gpus_present: int, bf16_ok: bool
+) -> list[str]:
+    """Every reason the launch would fail or silently do the wrong thing, found before any process starts."""
+    problems: list[str] = []
+    opt = cfg.optim.name
+    if opt in BNB_OPTIMIZERS and profile.kind == "fsdp":
+        problems.append(
+            f"--optim.name {opt} cannot run under {profile.name}: bitsandbytes 8-bit optimizers fail on FSDP2's "
+            "sharded DTensor parameters; use --optim.name adamw_8bit_ao (torchao, works on DTensor)"
+        )
+    if (
+        profile.kind == "deepspeed"
+        and opt != "adamw"
+        and not profile.ds_config.get("zero_allow_untested_optimizer")
+    ):
+        problems.append(
+            f"--optim.name {opt} is a client optimizer DeepSpeed has not tested: set "
+            f'"zero_allow_untested_optimizer": true in {profile.ds_config_path}'
+        )
+    force_cpu_adam = profile.ds_config.get("zero_force_ds_cpu_optimizer", True)
+    if profile.kind == "deepspeed" and profile.offloads and opt != "adamw" and force_cpu_adam:
+        problems.append(
+            f"--optim.name {opt} with {profile.name}: DeepSpeed CPU offload replaces the optimizer by its own "
+            "fp32 CPU Adam, so an 8-bit (or any non-AdamW) optimizer would silently vanish; use --optim.name "
+            "adamw, or a profile without offload"
+        )
+    if not cpu:
+        if gpus_present == 0:
+            problems.append(
+                "no CUDA GPU is visible; rehearse on CPU with --cpu, or check CUDA_VISIBLE_DEVICES"
+            )
+        elif gpus > gpus_present:
+            problems.append(f"--gpus {gpus} but only {gpus_present} GPU(s) are visible")
+        precision = cfg.train.mixed_precision or profile.settings.get("mixed_precision")
+        if precision == "bf16" and gpus_present and not bf16_ok:
+            problems.append(
+                "bf16 needs an Ampere or newer GPU, which this one is not; use --train.mixed_precision fp16"
+            )
+    elif cfg.train.mixed_precision == "fp16":
+        problems.append("--train.mixed_precision fp16 needs a GPU; rehearse on CPU with bf16 or no")
+    if profile.kind == "single" and gpus > 1:
+        problems.append(
+            f"profile {profile.name} runs one process; pick ddp, fsdp or a zero profile for --gpus {gpus}"
+        )
+    needs = {"deepspeed": ("deepspeed", "deepspeed")}.get(profile.kind)
+    if needs and importlib.util.find_spec(needs[0]) is None:
+        problems.append(f"profile {profile.name} needs DeepSpeed: pip install 'dtrain[{needs[1]}]'")
+    if opt in BNB_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(f"--optim.name {opt} needs bitsandbytes: pip install 'dtrain[bnb]'")
+    if opt == "adamw_8bit_ao" and importlib.util.find_spec("torchao") is None:
+        problems.append(f"--optim.name {opt} needs torchao: pip install 'dtrain[torchao]'")
+    return problems
+
+
+def build_command(
+    profile: Profile,
+    processes: int,
+    nodes: int,
+    node_rank: int,
+    address: str | None,
+    cpu: bool,
+    train_args: list[str],
+) -> tuple[list[str], dict[str, str]]:
+    """The `accelerate launch` command and the environment it needs."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(profile.path),
+        "--num_processes",
+        str(processes * nodes),
+        "--num_machines",
+        str(nodes),
+    ]
+    env: dict[str, str] = {}
+    if profile.ds_config_path is not None:  # absolute, so the launch works from any directory
+        cmd += ["--deepspeed_config_file", str(profile.ds_config_path)]
+    if nodes > 1:
+        host, _, port = (address or "").partition(":")
+        cmd += [
+            "--machine_rank",
+            str(node_rank),
+            "--main_process_ip",
+            host,
+            "--main_process_port",
+            port or str(DEFAULT_PORT),
+        ]
+    elif address:
+        cmd += ["--main_process_port", address.partition(":")[2] or str(DEFAULT_PORT)]
+    if cpu and profile.kind in ("ddp", "fsdp", "single"):
+        # gloo ranks. Not for DeepSpeed: there it would turn the run into plain DDP; the script
+        # passes gloo to DeepSpeed itself when CUDA is absent.
+        env["ACCELERATE_USE_CPU"] = "1"
+    cmd += [str(TRAIN_SCRIPT), *train_args]
+    return cmd, env
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        argv, train_args = argv[:i], argv[i + 1 :]
+    else:
+        train_args = []
+    parser = argparse.ArgumentParser(prog="dtrain launch", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "profile", help=f"one of {', '.join(list_profiles())}, or a path to an accelerate config YAML"
+    )
+    parser.add_argument(
+        "--gpus", default="auto", help="processes per node: a number or auto (all visible GPUs; 2 with --cpu)"
+    )
+    parser.add_argument("--nodes", type=int, default=1, help="machines in the job")
+    parser.add_argument("--node-rank", type=int, default=0, help="this machine's rank (0 = the head)")
+    parser.add_argument("--main-address", help="HOST[:PORT] of the head node (required with --nodes > 1)")
+    parser.add_argument("--cpu", action="store_true", help="rehearse the profile on CPU processes over gloo")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check everything, print the command, start nothing"
+    )
+    return parser.parse_args(argv), train_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, train_args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return launch(args, train_args)
+    except UserError as exc:
+        print(f"dtrain launch: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def launch(args: argparse.Namespace, train_args: list[str]) -> int:
+    profile = load_profile(args.profile)
+    try:
+        cfg = parse_config(train_args)
+    except ConfigError as exc:
+        raise UserError(f"training flags after --: {exc}") from None
+    import torch
+
+    present = 0 if args.cpu else torch.cuda.device_count()
+    bf16_ok = bool(present) and torch.cuda.is_bf16_supported()
+    if args.gpus == "auto":
+        gpus = (1 if profile.kind == "single" else 2) if args.cpu else max(present, 1)
+    elif args.gpus.isdigit() and int(args.gpus) > 0:
+        gpus = int(args.gpus)
+    else:
+        raise UserError(f"--gpus must be a positive number or auto (got {args.gpus!r})")
+    if args.nodes < 1 or not 0 <= args.node_rank < args.nodes:
+        raise UserError(f"--node-rank must be in [0, --nodes) (got {args.node_rank} of {args.nodes})")
+    if args.nodes > 1 and not args.main_address:
+        raise UserError("--nodes > 1 needs --main-address HOST[:PORT] of the head node")
+    problems = preflight(profile, cfg, gpus, args.cpu, present, bf16_ok)
+    if problems:
+        raise UserError("; ".join(problems))
+    cmd, env = build_command(
+        profile, gpus, args.nodes, args.node_rank, args.main_address, args.cpu, train_args
+    )
+    shown = " ".join(f"{k}={v}" for k, v in env.items())
+    print(f"dtrain launch: {(shown + ' ') if shown else ''}{shlex.join(cmd)}", flush=True)
+    if args.dry_run:
+        return 0
+    return run(cmd, {**os.environ, **env})
+
+
+def run(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the launcher; forward SIGINT/SIGTERM to it and return its exit code."""
+    child = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, _frame):
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
