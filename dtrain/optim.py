@@ -115,3 +115,33 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_step
         num_training_steps=max_steps,
         scheduler_specific_kwargs=extra or None,
     )
+
+
+def _leaf_tensors(value):
+    """Plain tensors behind a state value: DTensor shards and tensor subclasses (torchao's 8-bit
+    states) are unpacked into the tensors that really hold the bytes."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        value = value.to_local()
+    if type(value) is not torch.Tensor and hasattr(value, "__tensor_flatten__"):
+        names, _ = value.__tensor_flatten__()
+        for name in names:
+            yield from _leaf_tensors(getattr(value, name))
+    elif torch.is_tensor(value):
+        yield value
+
+
+def optimizer_state_bytes(optimizer) -> dict[str, int]:
+    """Bytes of optimizer state held by this rank, by dtype, read from the live optimizer (under
+    Accelerate's and DeepSpeed's wrappers). Proves an 8-bit optimizer really keeps 8-bit state."""
+    inner = optimizer
+    while hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    by_dtype: dict[str, int] = {}
+    for state in inner.state.values():
+        for value in state.values():
+            for t in _leaf_tensors(value):
+                key = str(t.dtype).removeprefix("torch.")
+                by_dtype[key] = by_dtype.get(key, 0) + t.numel() * t.element_size()
+    return by_dtype

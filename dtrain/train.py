@@ -37,7 +37,7 @@ from dtrain.data import Collator, Data, build_data, train_loader
 from dtrain.evaluation import eval_loss, generate_answers
 from dtrain.metrics import MetricsLogger, StepStats
 from dtrain.modeling import build_model, build_tokenizer, count_targets, token_loss_sum
-from dtrain.optim import build_optimizer, build_scheduler
+from dtrain.optim import build_optimizer, build_scheduler, optimizer_state_bytes
 from dtrain.runtime import build_accelerator, run_info
 
 
@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     logger = MetricsLogger(accelerator, out, max_steps, state.step, cfg.log.progress_bar)
     logger.truncate_after(state.step)
     if accelerator.is_main_process:
-        write_run_files(out, cfg, run_info(accelerator, cfg, argv, data.stats, num_params))
+        info = run_info(accelerator, cfg, argv, data.stats, num_params)
+        info["distributed"]["sharded_parameters"] = count_sharded(model)
+        write_run_files(out, cfg, info)
     if cfg.log.report_to != "none":
         accelerator.init_trackers(cfg.log.project, config=flatten(cfg))
     t, world = cfg.train, accelerator.num_processes
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         is_save = bool(cfg.checkpoint.save_steps) and step % cfg.checkpoint.save_steps == 0
         is_log = step % cfg.log.every_steps == 0 or step == max_steps or is_eval or is_save
         window = [next(batches) for _ in range(t.gradient_accumulation_steps)]
-        lr = optimizer.param_groups[0]["lr"]
+        lr = optimizer.param_groups[0]["lr"]  # a tensor for some optimizers (torchao): read at log steps only
         loss_sum, targets, tokens, positions, grad_norm = train_step(
             accelerator, model, optimizer, window, t.max_grad_norm, is_log
         )
@@ -243,10 +245,17 @@ def main(argv: list[str] | None = None) -> int:
             sums = stats.pop(accelerator)
             state.tokens_seen += int(sums["tokens"])
             row = logger.train_row(
-                step, sums, lr, _to_float(grad_norm), state.samples_seen / len(data.train), state.tokens_seen
+                step,
+                sums,
+                _to_float(lr),
+                _to_float(grad_norm),
+                state.samples_seen / len(data.train),
+                state.tokens_seen,
             )
             if accelerator.mixed_precision == "fp16":
                 row["skipped_steps"] = state.skipped_steps
+            if step == cfg.log.every_steps or step == 1 or (step < cfg.log.every_steps and step == max_steps):
+                row.update(optimizer_state_row(accelerator, optimizer, num_params))
             logger.log(row)
         stop_early = False
         if is_eval and step < max_steps:
@@ -278,6 +287,30 @@ def main(argv: list[str] | None = None) -> int:
     report_samples(accelerator, out, predictions, cfg.eval.num_samples)
     accelerator.end_training()
     return 0
+
+
+def count_sharded(model) -> str:
+    """How many parameter tensors are DTensors (FSDP2 shards): proof that sharding really happened."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    return f"{sum(isinstance(p, DTensor) for p in params)}/{len(params)}"
+
+
+def optimizer_state_row(accelerator, optimizer, num_params: int) -> dict:
+    """Optimizer-state bytes per parameter over all ranks, logged once: 8 for fp32 Adam, ~2 for 8-bit."""
+    by_dtype = optimizer_state_bytes(optimizer)
+    dtypes = sorted(by_dtype)
+    totals = accelerator.gather_for_metrics([by_dtype], use_gather_object=True)
+    merged: dict[str, int] = {}
+    for part in totals:
+        for key, value in part.items():
+            merged[key] = merged.get(key, 0) + value
+    replicas = 1 if accelerator.distributed_type.name in ("DEEPSPEED", "FSDP") else accelerator.num_processes
+    return {
+        "optim_state_bytes_per_param": sum(merged.values()) / replicas / num_params,
+        "optim_state_dtypes": ",".join(sorted(set(dtypes) | set(merged))),
+    }
 
 
 def report_samples(accelerator, out: Path, predictions: list[dict], n: int) -> None:
