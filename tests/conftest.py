@@ -47,35 +47,15 @@ def run_train(args: list[str], timeout: int = 600, **env: str) -> subprocess.Com
 
 
 def run_accelerate(
-    num_processes: int, args: list[str], timeout: int = 900, **env: str
+    num_processes: int, args: list[str], cpu: bool = True, timeout: int = 900
 ) -> subprocess.CompletedProcess:
-    """A real multi-process CPU launch (gloo), the way PLATFORM.md says works here."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(num_processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        str(TRAIN),
-        *args,
-    ]
-    return subprocess.run(
-        cmd,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env_for_subprocess(ACCELERATE_USE_CPU="1", **env),
-    )
+    """A real multi-process launch. cpu=True: gloo ranks, the way PLATFORM.md says works here;
+    cpu=False: the same launch without ACCELERATE_USE_CPU (on this machine, a mistake)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(TRAIN), *args]  # fmt: skip
+    env = env_for_subprocess(ACCELERATE_USE_CPU="1") if cpu else env_for_subprocess()
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _free_port() -> int:
@@ -125,3 +105,25 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def fresh_accelerator(gradient_accumulation_steps: int = 1):
+    """A new single-process CPU Accelerator (Accelerate's state is a process-wide singleton)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, cpu=True)
+
+
+def tiny_llama(tokenizer, num_layers: int = 2):
+    """The smoke recipe's model shape, seeded."""
+    import torch
+
+    from dtrain.config import DataConfig, EvalConfig, ModelConfig
+    from dtrain.modeling import build_model
+
+    torch.manual_seed(0)
+    shape = ModelConfig(hidden_size=32, num_layers=num_layers, num_heads=2, intermediate_size=64)
+    return build_model(shape, tokenizer, DataConfig(), EvalConfig())

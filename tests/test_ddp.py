@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
-from conftest import REPO, TINY, TRAIN, assert_ok, env_for_subprocess, run_accelerate, run_train, train_rows
+from conftest import TINY, assert_ok, run_accelerate, run_train, train_rows
 
 pytestmark = pytest.mark.slow
 
@@ -51,28 +48,7 @@ def test_multi_gpu_without_cpu_flag_is_refused(tmp_path):
     """`--multi_gpu` on a machine without GPUs and without ACCELERATE_USE_CPU starts processes that each
     think they are alone; the script must refuse instead of training the job twice."""
     out = tmp_path / "run"
-    env = env_for_subprocess()
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29533",
-        str(TRAIN),
-        *TINY,
-        "--output_dir",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    proc = run_accelerate(2, [*TINY, "--output_dir", str(out)], cpu=False)
     assert proc.returncode != 0
     assert "ACCELERATE_USE_CPU=1" in proc.stderr
     assert not (out / "metrics.jsonl").exists()

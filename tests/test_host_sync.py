@@ -12,13 +12,11 @@ import os
 import traceback
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
+from conftest import fresh_accelerator, tiny_llama
 
-from dtrain.config import DataConfig, EvalConfig, ModelConfig, OptimConfig
+from dtrain.config import OptimConfig
 from dtrain.data import IGNORE_INDEX, Collator
 from dtrain.metrics import StepStats
-from dtrain.modeling import build_model
 from dtrain.optim import build_optimizer
 from dtrain.tasks import build_char_tokenizer
 from dtrain.train import train_step
@@ -52,17 +50,9 @@ def count_host_copies():
 
 
 def test_training_steps_between_logs_make_no_host_copies():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    accelerator = Accelerator(gradient_accumulation_steps=2, cpu=True)
+    accelerator = fresh_accelerator(2)
     tok = build_char_tokenizer()
-    torch.manual_seed(0)
-    model = build_model(
-        ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
-        tok,
-        DataConfig(),
-        EvalConfig(),
-    )
+    model = tiny_llama(tok)
     optimizer = build_optimizer(model, OptimConfig(), accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     collate = Collator(tok.pad_token_id)

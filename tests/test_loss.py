@@ -7,12 +7,10 @@ gradients it is asked to apply.
 from __future__ import annotations
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
+from conftest import fresh_accelerator, tiny_llama
 
-from dtrain.config import DataConfig, EvalConfig, ModelConfig
 from dtrain.data import IGNORE_INDEX, Collator
-from dtrain.modeling import build_model, token_loss_sum
+from dtrain.modeling import token_loss_sum
 from dtrain.tasks import build_char_tokenizer
 from dtrain.train import train_step
 
@@ -41,17 +39,9 @@ def _examples(tokenizer, n: int = 8) -> list[dict]:
 
 
 def _grads(micro_batch: int, accumulation: int) -> tuple[list[torch.Tensor], float]:
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    accelerator = Accelerator(gradient_accumulation_steps=accumulation, cpu=True)
+    accelerator = fresh_accelerator(accumulation)
     tok = build_char_tokenizer()
-    torch.manual_seed(0)
-    model = build_model(
-        ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
-        tok,
-        DataConfig(),
-        EvalConfig(),
-    )
+    model = tiny_llama(tok)
     opt = GradCapture(model.parameters())
     model, opt = accelerator.prepare(model, opt)
     collate = Collator(tok.pad_token_id)
@@ -77,13 +67,7 @@ def test_mean_of_means_would_differ():
     """Guard that the fixture really has uneven token counts: the naive scheme gives another loss."""
     tok = build_char_tokenizer()
     collate = Collator(tok.pad_token_id)
-    torch.manual_seed(0)
-    model = build_model(
-        ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
-        tok,
-        DataConfig(),
-        EvalConfig(),
-    )
+    model = tiny_llama(tok)
     rows = _examples(tok)
     with torch.no_grad():
         means, total, count = [], 0.0, 0
@@ -100,13 +84,7 @@ def test_mean_of_means_would_differ():
 
 def test_padding_never_counts():
     tok = build_char_tokenizer()
-    torch.manual_seed(0)
-    model = build_model(
-        ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
-        tok,
-        DataConfig(),
-        EvalConfig(),
-    )
+    model = tiny_llama(tok, num_layers=1)
     row = _examples(tok, 1)[0]
     alone = Collator(tok.pad_token_id)([row])
     padded = Collator(tok.pad_token_id, pad_to_multiple_of=64)([row])
