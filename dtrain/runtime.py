@@ -27,9 +27,8 @@ def build_accelerator(cfg: Config):
         # disagrees with Accelerate's and fails its batch-size check.
         handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=_dt.timedelta(minutes=30)))
     report_to = None if cfg.log.report_to == "none" else cfg.log.report_to
-    if (
-        report_to and importlib.util.find_spec(report_to) is None
-    ):  # Accelerate would only warn and log nothing
+    # A tracker that is not installed: Accelerate would only warn and log nothing.
+    if report_to and importlib.util.find_spec(report_to) is None:
         package = "dtrain[trackers]" if report_to == "tensorboard" else report_to
         raise UserError(
             f"--log.report_to {report_to}: the {report_to} package is not installed; pip install '{package}'"
