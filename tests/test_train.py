@@ -182,11 +182,16 @@ def test_gradient_accumulation_bf16_and_unclipped_norm(tmp_path):
             "0",
             "--train.max_steps",
             "4",
+            "--log.progress_bar",
+            "true",
         ]
     )
     assert_ok(proc)
     rows = train_rows(out)
     assert len(rows) == 4 and all(r["grad_norm"] > 0 for r in rows)
+    # the progress bar (main process, stderr) shows the step count, loss, lr and tokens/s
+    assert "train: 100%" in proc.stderr and "4/4" in proc.stderr
+    assert all(key in proc.stderr for key in ("loss=", "lr=", "tokens_per_sec="))
     info = json.loads((out / "run_info.json").read_text())
     assert info["distributed"]["mixed_precision"] == "bf16"
     assert rows[-1]["epoch"] == pytest.approx(4 * 8 / 240)  # 2 micro-batches of 4 per step
