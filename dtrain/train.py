@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     stats = StepStats(accelerator.device)
     grad_norm = None
+    state_reported = False
     predictions: list[dict] = []
     last_eval_step = -1
     if cfg.eval.at_start and state.step == 0:
@@ -254,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             if accelerator.mixed_precision == "fp16":
                 row["skipped_steps"] = state.skipped_steps
-            if step == cfg.log.every_steps or step == 1 or (step < cfg.log.every_steps and step == max_steps):
+            if not state_reported:  # once, at the first log row: the state exists after one step
                 row.update(optimizer_state_row(accelerator, optimizer, num_params))
+                state_reported = True
             logger.log(row)
         stop_early = False
         if is_eval and step < max_steps:

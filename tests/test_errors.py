@@ -39,36 +39,21 @@ def test_missing_data_file(tmp_path, tiny_model_dir):
     _fails(proc, "--data.path", "missing.jsonl", "does not exist")
 
 
+def _run_on_local_model(tmp_path: Path, model_dir: Path, data: Path, *extra: str):
+    return run_train(["--output_dir", str(tmp_path / "o"), "--model.name_or_path", str(model_dir),
+                      "--data.path", str(data), *extra])  # fmt: skip
+
+
 def test_dataset_without_template_columns(tmp_path, tiny_model_dir):
     data = _write_jsonl(tmp_path / "d.jsonl", [{"question": "a", "answer": "b"}] * 4)
-    proc = run_train(
-        [
-            "--output_dir",
-            str(tmp_path / "o"),
-            "--model.name_or_path",
-            str(tiny_model_dir),
-            "--data.path",
-            str(data),
-            "--data.template",
-            "alpaca",
-        ]
-    )
+    proc = _run_on_local_model(tmp_path, tiny_model_dir, data, "--data.template", "alpaca")
     _fails(proc, "--data.path", "'instruction'", "'output'", "alpaca", "question")
 
 
 def test_empty_dataset(tmp_path, tiny_model_dir):
     data = tmp_path / "empty.jsonl"
     data.write_text("")
-    proc = run_train(
-        [
-            "--output_dir",
-            str(tmp_path / "o"),
-            "--model.name_or_path",
-            str(tiny_model_dir),
-            "--data.path",
-            str(data),
-        ]
-    )
+    proc = _run_on_local_model(tmp_path, tiny_model_dir, data)
     _fails(proc, "--data.path", "no rows")
 
 
