@@ -1,9 +1,21 @@
-"""Run directory, resumable checkpoints and the Hugging Face export.
+"""Run directory and resumable checkpoints that survive a crash at any instant.
 
-A checkpoint is written by every rank (sharded strategies need all of them) into a temporary
-directory, renamed to `step-<8 digits>` by the main process after a barrier, and only then
-marked complete by a marker file written last. Only marked checkpoints are ever resumed from;
-older ones are deleted only after a newer one is committed.
+Layout of one checkpoint, `<output_dir>/checkpoints/step-00001000/`:
+
+    dcp/                     model + optimizer as torch.distributed.checkpoint shards, keyed by parameter
+                             name, so they load at any world size (single process, DDP, FSDP)
+    deepspeed/ds/            instead of dcp/ under DeepSpeed: the engine's own ZeRO checkpoint
+    hf/                      model config, generation config and tokenizer (what `dtrain export` needs)
+    scheduler.pt, scaler.pt  learning-rate schedule; fp16 grad scaler (when there is one)
+    rng/rank-00000.pt        per-rank python, numpy, torch and CUDA RNG states
+    train_state.json         step, data position, tokens seen, best metric, early-stopping counter...
+    config.yaml              the resolved config of the run that saved it
+    dtrain_checkpoint.json   the marker, written last: step, world size, profile, config hash, files+sizes
+
+Commit protocol: every rank writes into `.tmp-step-...` (sharded strategies need all of them), all ranks
+agree that every write succeeded, the main process fsyncs, renames to `step-...` and writes the marker
+last. Only a marker makes a checkpoint count, and its file list is checked before anything is loaded.
+Old checkpoints are deleted only after a newer one is committed.
 """
 
 from __future__ import annotations
@@ -11,16 +23,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dtrain.config import UserError
+import torch
+import yaml
+from torch.distributed.checkpoint.api import CheckpointException
+
+from dtrain.config import Config, UserError, flatten
 
 MARKER = "dtrain_checkpoint.json"
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
+CORRUPT_PREFIX = "corrupt-"
+BEST_LINK = "best"
+DS_TAG = "ds"
 RUN_FILES = ("config.yaml", "run_info.json", "metrics.jsonl", "samples.jsonl", "checkpoints", "final", "logs")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be written or read; one line, names the file and what to do."""
 
 
 @dataclass
@@ -30,8 +56,11 @@ class TrainState:
     step: int = 0  # optimizer steps done
     samples_seen: int = 0  # global data position: examples consumed over all ranks
     tokens_seen: int = 0  # non-pad input tokens over all ranks (updated at log steps)
+    epoch: float = 0.0  # samples_seen / train examples
     best_metric: float | None = None
     best_step: int | None = None
+    last_eval_step: int | None = None  # the latest eval, recorded in the marker for `best` retention
+    last_eval_metric: float | None = None
     evals_without_improvement: int = 0
     skipped_steps: int = 0  # fp16 steps skipped by the grad scaler
     early_stopped: bool = False
@@ -41,11 +70,223 @@ class TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
-            setattr(self, key, value)
+            if hasattr(self, key):
+                setattr(self, key, value)
 
 
 def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
+
+
+def config_hash(config_yaml: str) -> str:
+    return hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
+
+
+def read_marker(path: Path) -> dict:
+    return json.loads((path / MARKER).read_text())
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Committed checkpoints (those with a marker), oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    done = [p for p in ckpt_root.iterdir() if p.name.startswith(STEP_PREFIX) and (p / MARKER).is_file()]
+    return sorted(done, key=lambda p: p.name)
+
+
+def verify(path: Path) -> str | None:
+    """None when every file the marker lists is there with its recorded size, else what is wrong."""
+    try:
+        marker = read_marker(path)
+        files = marker["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        return f"its marker {MARKER} is unreadable ({exc})"
+    for entry in files:
+        f = path / entry["path"]
+        if not f.is_file():
+            return f"file '{entry['path']}' is missing"
+        size = f.stat().st_size
+        if size != entry["bytes"]:
+            return f"file '{entry['path']}' is {size} bytes, the marker says {entry['bytes']}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Where a run starts
+# --------------------------------------------------------------------------------------------
+
+
+def has_earlier_run(output_dir: Path) -> bool:
+    """Any of dtrain's files in output_dir (an empty directory holds nothing to lose)."""
+    for name in RUN_FILES:
+        path = output_dir / name
+        if path.is_dir() and not path.is_symlink():
+            if any(path.iterdir()):
+                return True
+        elif path.exists():
+            return True
+    return False
+
+
+@dataclass
+class ResumePlan:
+    path: Path | None  # the checkpoint to load; None = fresh start
+    corrupt: list[tuple[Path, str]]  # newer checkpoints skipped (auto), with the reason
+
+
+def resolve_resume(output_dir: Path, resume: str, overwrite: bool, config_yaml: str) -> ResumePlan:
+    """Decide where the run starts. Reads only; `prepare_output_dir` does the cleanup.
+
+    With `auto` and no complete checkpoint, the same run (identical config.yaml) restarted before its
+    first checkpoint starts again from step 0; any other earlier run in output_dir is refused."""
+    if resume not in ("auto", "never"):
+        path = Path(resume).expanduser()
+        if not (path / MARKER).is_file():
+            raise CheckpointError(
+                f"--checkpoint.resume: '{resume}' is not a complete dtrain checkpoint (no {MARKER})"
+            )
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(f"--checkpoint.resume: checkpoint {path} is corrupt: {problem}")
+        return ResumePlan(path, [])
+    if overwrite:
+        return ResumePlan(None, [])
+    corrupt: list[tuple[Path, str]] = []
+    if resume == "auto":
+        for candidate in reversed(complete_checkpoints(output_dir / "checkpoints")):
+            problem = verify(candidate)
+            if problem is None:
+                return ResumePlan(candidate, corrupt)
+            corrupt.append((candidate, problem))
+    same_run = resume == "auto" and _read_text(output_dir / "config.yaml") == config_yaml
+    if has_earlier_run(output_dir) and not same_run:
+        how = "" if resume == "never" else " and no complete checkpoint to resume from"
+        raise UserError(
+            f"--output_dir {output_dir} holds an earlier run{how}; pass --overwrite_output_dir to start over, "
+            "or choose another --output_dir"
+        )
+    return ResumePlan(None, corrupt)
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def prepare_output_dir(output_dir: Path, overwrite: bool, plan: ResumePlan) -> None:
+    """Main process only: start-over cleanup (only dtrain's own files), removal of unfinished checkpoints,
+    and corrupt ones set aside (renamed, never deleted: they may hold what a user wants to inspect)."""
+    if overwrite and plan.path is None:
+        for name in RUN_FILES:
+            target = output_dir / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+    for path, problem in plan.corrupt:
+        aside = path.with_name(CORRUPT_PREFIX + path.name)
+        print(
+            f"dtrain: checkpoint {path.name} is corrupt ({problem}); moved to {aside.name} and resuming from "
+            f"{plan.path.name if plan.path else 'scratch'}",
+            flush=True,
+        )
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(path, aside)
+    ckpt_root = output_dir / "checkpoints"
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            if p.name.startswith(TMP_PREFIX) or (
+                p.name.startswith(STEP_PREFIX) and not (p / MARKER).is_file()
+            ):
+                print(f"dtrain: removing incomplete checkpoint {p}", flush=True)
+                shutil.rmtree(p, ignore_errors=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Continuity: may this config continue that checkpoint?
+# --------------------------------------------------------------------------------------------
+
+# Settings that do not change the training trajectory. Everything else does (model, data, seed,
+# optimizer, schedule, precision, clipping) and stops a resume unless --checkpoint.allow_config_change.
+HARMLESS = ("log.", "eval.", "checkpoint.", "output_dir", "overwrite_output_dir", "data.num_workers",
+            "model.gradient_checkpointing", "model.attn_implementation")  # fmt: skip
+# The batch is compared as one number: 2 processes x 4 and 1 process x 8 are the same training.
+BATCH_KEYS = ("train.per_device_batch_size", "train.gradient_accumulation_steps")
+
+
+def compare_configs(
+    saved: dict, marker: dict, cfg: Config, world_size: int, precision: str
+) -> tuple[list, list]:
+    """(breaking, harmless) differences between a checkpoint's run and this one, as 'key a -> b' strings."""
+    old, new = flatten(saved), flatten(cfg)
+    breaking, harmless = [], []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        change = f"{key} {a} -> {b}"
+        if key in BATCH_KEYS:
+            harmless.append(change)
+        elif key == "train.max_steps":
+            (harmless if a is not None and b is not None and b > a else breaking).append(change)
+        elif key.startswith(HARMLESS):
+            harmless.append(change)
+        else:
+            breaking.append(change)
+    t = cfg.train
+    old_batch = marker.get("global_batch")
+    new_batch = t.per_device_batch_size * t.gradient_accumulation_steps * world_size
+    if old_batch is not None and old_batch != new_batch:
+        breaking.append(
+            f"global batch {old_batch} -> {new_batch} (per-device batch x accumulation x processes)"
+        )
+    if marker.get("world_size") != world_size:
+        harmless.append(f"processes {marker.get('world_size')} -> {world_size}")
+    if marker.get("mixed_precision") not in (None, precision):
+        breaking.append(f"mixed precision {marker.get('mixed_precision')} -> {precision}")
+    return breaking, harmless
+
+
+def check_continuity(path: Path, cfg: Config, accelerator) -> None:
+    """Refuse a resume that would silently change the run (before anything heavy is loaded)."""
+    marker = read_marker(path)
+    fmt, is_ds = marker.get("format"), accelerator.distributed_type.name == "DEEPSPEED"
+    if fmt == "deepspeed" and not is_ds:
+        raise CheckpointError(
+            f"checkpoint {path} was written by DeepSpeed ({marker.get('profile')}) and can only resume under "
+            f"DeepSpeed; `dtrain export {path} OUT` turns it into a model to start a new run from"
+        )
+    if fmt == "dcp" and is_ds:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {marker.get('profile')} and can't resume under DeepSpeed; resume it "
+            f"with a non-DeepSpeed profile, or `dtrain export {path} OUT` and start a new run from OUT"
+        )
+    if is_ds and marker.get("world_size") != accelerator.num_processes:
+        raise CheckpointError(
+            f"checkpoint {path} holds ZeRO partitions for {marker.get('world_size')} processes, this run has "
+            f"{accelerator.num_processes}; resume with {marker.get('world_size')} processes, or "
+            f"`dtrain export {path} OUT` and start a new run from OUT with --model.name_or_path OUT"
+        )
+    saved = yaml.safe_load((path / "config.yaml").read_text())
+    breaking, harmless = compare_configs(
+        saved, marker, cfg, accelerator.num_processes, accelerator.mixed_precision
+    )
+    if breaking and not cfg.checkpoint.allow_config_change:
+        raise CheckpointError(
+            f"checkpoint {path.name} was saved by a different run: {'; '.join(breaking)}. Pass "
+            "--checkpoint.allow_config_change to resume anyway, or use another --output_dir"
+        )
+    if breaking or harmless:
+        accelerator.print("dtrain: resuming with changed settings: " + "; ".join(breaking + harmless))
+
+
+# --------------------------------------------------------------------------------------------
+# Saving and loading
+# --------------------------------------------------------------------------------------------
 
 
 def _fsync_tree(path: Path) -> list[dict]:
@@ -58,7 +299,15 @@ def _fsync_tree(path: Path) -> list[dict]:
     return files
 
 
-def _write_json_atomic(path: Path, obj) -> None:
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as fh:
         json.dump(obj, fh, indent=2)
@@ -67,132 +316,274 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def config_hash(config_yaml: str) -> str:
-    return hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
+def _rng_state() -> dict:
+    import numpy as np
+
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
-def complete_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Committed checkpoints, oldest first."""
-    if not ckpt_root.is_dir():
-        return []
-    done = [p for p in ckpt_root.iterdir() if p.name.startswith(STEP_PREFIX) and (p / MARKER).is_file()]
-    return sorted(done, key=lambda p: p.name)
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def has_earlier_run(output_dir: Path) -> bool:
-    return any((output_dir / name).exists() for name in RUN_FILES)
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def resolve_resume(output_dir: Path, resume: str, overwrite: bool) -> Path | None:
-    """Decide where the run starts. Pure (reads only); cleanup happens in `prepare_output_dir`."""
-    if resume not in ("auto", "never"):
-        path = Path(resume).expanduser()
-        if not (path / MARKER).is_file():
-            raise UserError(
-                f"--checkpoint.resume: '{resume}' is not a complete dtrain checkpoint (no {MARKER})"
-            )
-        return path
-    if overwrite:
-        return None
-    if resume == "auto":
-        found = complete_checkpoints(output_dir / "checkpoints")
-        if found:
-            return found[-1]
-    if has_earlier_run(output_dir):
-        how = "" if resume == "never" else " and no complete checkpoint to resume from"
-        raise UserError(
-            f"--output_dir {output_dir} holds an earlier run{how}; pass --overwrite_output_dir to start over, "
-            "or choose another --output_dir"
-        )
-    return None
+@contextmanager
+def quiet_single_process():
+    """DCP warns that it is 'assuming the intent' on one process; the intent is exactly that."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
-def prepare_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
-    """Main process only: start-over cleanup (only dtrain's own files) and removal of stale temp dirs."""
-    if overwrite and not resuming:
-        for name in RUN_FILES:
-            target = output_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    ckpt_root = output_dir / "checkpoints"
-    if ckpt_root.is_dir():
-        for p in ckpt_root.iterdir():
-            if p.name.startswith(TMP_PREFIX) or (
-                p.name.startswith(STEP_PREFIX) and not (p / MARKER).is_file()
-            ):
-                print(f"dtrain: removing incomplete checkpoint {p}", flush=True)
-                shutil.rmtree(p, ignore_errors=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
+def profile_name(accelerator) -> str:
+    """The launch profile (set by `dtrain launch`), or what the distributed type amounts to."""
+    if os.environ.get("DTRAIN_PROFILE"):
+        return os.environ["DTRAIN_PROFILE"]
+    kind = accelerator.distributed_type.name
+    if kind == "DEEPSPEED":
+        return f"zero{accelerator.state.deepspeed_plugin.zero_stage}"
+    if kind == "FSDP":
+        return "fsdp"
+    return "single" if accelerator.num_processes == 1 else "ddp"
+
+
+def best_checkpoint(done: list[Path], metric: str) -> Path | None:
+    """The committed checkpoint with the best eval metric recorded in its marker (lowest loss, highest
+    exact match; the earliest on a tie), or None when no checkpoint was saved at an eval step."""
+    scored = []
+    for p in done:
+        ev = read_marker(p).get("eval")
+        if ev and ev.get("metric") == metric and ev.get("value") is not None:
+            scored.append((ev["value"] if metric == "loss" else -ev["value"], p))
+    return min(scored, key=lambda vp: vp[0])[1] if scored else None
+
+
+def retained(done: list[Path], keep_last: int, keep_every: int, best: Path | None) -> set[Path]:
+    """Which committed checkpoints survive rotation: the newest keep_last, every keep_every-th step
+    (milestones) and the best one. `done` is oldest first."""
+    keep = set(done[-keep_last:])
+    if keep_every:
+        keep |= {p for p in done if read_marker(p)["step"] % keep_every == 0}
+    if best is not None:
+        keep.add(best)
+    return keep
+
+
+def _why(error: BaseException | None, root: Path, previous: list[Path]) -> str:
+    """The cause of a failed save in a few words. Writers often hide ENOSPC (torch.save reports a zip
+    offset mismatch), so free space and write permission are checked directly."""
+    if error is None:
+        return "another rank failed"
+    if isinstance(error, CheckpointException) and error.failures:  # DCP: the first rank's own error
+        error = next(iter(error.failures.values()))
+    cause = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+    need = sum(f["bytes"] for f in read_marker(previous[-1])["files"]) if previous else 0
+    free = shutil.disk_usage(root).free if root.exists() else 0
+    if free < max(need, 1):
+        return f"disk full ({free / 2**20:.1f} MiB free under {root}, a checkpoint needs {need / 2**20:.1f} MiB) ({cause})"
+    if not os.access(root, os.W_OK):
+        return f"permission denied: {root} is not writable ({cause})"
+    return cause
 
 
 class Checkpointer:
-    def __init__(self, accelerator, output_dir: Path, keep_last: int, config_yaml: str):
-        self.accelerator = accelerator
-        self.root = output_dir / "checkpoints"
-        self.keep_last = keep_last
-        self.config_yaml = config_yaml
+    """Saves and loads everything a run needs to continue exactly. Every rank calls save and load."""
 
-    def save(self, state: TrainState) -> Path:
-        """Write, commit, then rotate. Every rank must call this."""
-        acc = self.accelerator
-        final = self.root / step_dir_name(state.step)
+    def __init__(self, accelerator, cfg: Config, model, optimizer, scheduler, state: TrainState, tokenizer):
+        self.acc = accelerator
+        self.root = Path(cfg.output_dir) / "checkpoints"
+        self.ckpt_cfg = cfg.checkpoint
+        self.metric = cfg.eval.metric
+        self.config_yaml = cfg.to_yaml()
+        t = cfg.train
+        self.global_batch = (
+            t.per_device_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
+        )
+        self.model, self.optimizer, self.scheduler, self.state = model, optimizer, scheduler, state
+        self.tokenizer = tokenizer
+        self.deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
+
+    # -- save ----------------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        """Write, agree, commit, rotate. Returns the committed directory."""
+        acc, step = self.acc, self.state.step
+        final = self.root / step_dir_name(step)
+        if (final / MARKER).is_file() and verify(final) is None:
+            return final  # this step is already committed (a run resumed at its last step)
         tmp = self.root / f"{TMP_PREFIX}{final.name}"
+        error = None
         if acc.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
+            try:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            except OSError as exc:
+                error = exc
+        self._agree(error, final, tmp)
+        try:
+            self._write(tmp)
+        except (Exception, CheckpointException) as exc:  # disk full, permission denied, a failed shard
+            error = exc
+        self._agree(error, final, tmp)
         if acc.is_main_process:
-            (tmp / "config.yaml").write_text(self.config_yaml)
-            files = _fsync_tree(tmp)
-            if final.exists():  # re-saving a step (e.g. resumed and stopped again at once)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            marker = {
-                "step": state.step,
-                "world_size": acc.num_processes,
-                "distributed_type": str(acc.distributed_type),
-                "config_sha256": config_hash(self.config_yaml),
-                "train_state": state.state_dict(),
-                "files": files,
-            }
-            _write_json_atomic(final / MARKER, marker)
-            self._rotate()
-        acc.wait_for_everyone()
+            try:
+                self._commit(tmp, final)
+            except Exception as exc:
+                error = exc
+        self._agree(error, final, tmp)
         return final
 
-    def _rotate(self) -> None:
+    def _agree(self, error: BaseException | None, final: Path, tmp: Path) -> None:
+        """All ranks learn whether any rank failed, so they all stop together instead of hanging."""
+        failed = torch.tensor([0.0 if error is None else 1.0], device=self.acc.device)
+        if self.acc.num_processes > 1:
+            failed = self.acc.reduce(failed, reduction="sum")
+        if failed.item() == 0:
+            return
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if final.exists() and not (final / MARKER).is_file():
+                shutil.rmtree(final, ignore_errors=True)
+        previous = complete_checkpoints(self.root)
+        kept = (
+            f"the previous checkpoint {previous[-1].name} is intact"
+            if previous
+            else "no earlier checkpoint exists"
+        )
+        raise CheckpointError(
+            f"saving checkpoint {final} failed: {_why(error, self.root, previous)}; {kept}. "
+            "Free disk space or fix permissions under --output_dir, then rerun to resume"
+        )
+
+    def _write(self, tmp: Path) -> None:
+        acc = self.acc
+        if self.deepspeed:
+            self.model.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, save_latest=False)
+        else:
+            import torch.distributed.checkpoint as dcp
+
+            with quiet_single_process():
+                dcp.save(self._dcp_state(), checkpoint_id=str(tmp / "dcp"), no_dist=not _distributed())
+        rng_dir = tmp / "rng"
+        rng_dir.mkdir(exist_ok=True)
+        torch.save(_rng_state(), rng_dir / f"rank-{acc.process_index:05d}.pt")
+        if acc.is_main_process:
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            if acc.scaler is not None:
+                torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
+            unwrapped = acc.unwrap_model(self.model)
+            unwrapped.config.save_pretrained(tmp / "hf")
+            if getattr(unwrapped.config, "auto_map", None):  # remote-code models: their modeling files too
+                from transformers.dynamic_module_utils import custom_object_save
+
+                custom_object_save(unwrapped, tmp / "hf", config=unwrapped.config)
+            if unwrapped.generation_config is not None:
+                unwrapped.generation_config.save_pretrained(tmp / "hf")
+            self.tokenizer.save_pretrained(tmp / "hf")
+            (tmp / "config.yaml").write_text(self.config_yaml)
+            (tmp / "train_state.json").write_text(json.dumps(self.state.state_dict(), indent=2))
+
+    def _dcp_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        files = _fsync_tree(tmp)
+        if final.exists():  # a leftover without a valid marker
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        s = self.state
+        marker = {
+            "step": s.step,
+            "format": "deepspeed" if self.deepspeed else "dcp",
+            "world_size": self.acc.num_processes,
+            "profile": profile_name(self.acc),
+            "distributed_type": self.acc.distributed_type.name,
+            "mixed_precision": self.acc.mixed_precision,
+            "global_batch": self.global_batch,
+            "config_sha256": config_hash(self.config_yaml),
+            "eval": {"metric": self.metric, "value": s.last_eval_metric}
+            if s.last_eval_step == s.step
+            else None,
+            "train_state": s.state_dict(),
+            "files": files,
+        }
+        write_json_atomic(final / MARKER, marker)
+        _fsync_dir(self.root)
+        self._retain()
+
+    # -- retention -----------------------------------------------------------------------------
+
+    def _retain(self) -> None:
         done = complete_checkpoints(self.root)
-        for old in done[: max(0, len(done) - self.keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
+        best = best_checkpoint(done, self.metric) if self.ckpt_cfg.keep_best else None
+        if best is not None:  # checkpoints/best -> step-...: replaced atomically
+            tmp_link = self.root / (BEST_LINK + ".tmp")
+            if tmp_link.is_symlink() or tmp_link.exists():
+                tmp_link.unlink()
+            tmp_link.symlink_to(best.name)
+            os.replace(tmp_link, self.root / BEST_LINK)
+        keep = retained(done, self.ckpt_cfg.keep_last, self.ckpt_cfg.keep_every, best)
+        for old in done:
+            if old not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # -- load ----------------------------------------------------------------------------------
 
     def load(self, path: Path) -> None:
-        self.accelerator.load_state(str(path))
-
-
-def export_hf(accelerator, model, tokenizer, out_dir: Path) -> None:
-    """Write a Hugging Face model directory (safetensors, config, tokenizer, generation config).
-
-    Every rank calls this: sharded strategies gather the full state dict collectively. The main
-    process writes into a temporary directory and renames it, so `final/` is never half written.
-    """
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size="2GB")
-        tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(out_dir.name + ".old")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
+        acc = self.acc
+        if self.deepspeed:
+            loaded, _ = self.model.load_checkpoint(
+                str(path / "deepspeed"),
+                tag=DS_TAG,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
+            if loaded is None:
+                raise CheckpointError(f"DeepSpeed could not load {path / 'deepspeed'}")
         else:
-            os.replace(tmp, out_dir)
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+
+            state = self._dcp_state()
+            with quiet_single_process():
+                dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=not _distributed())
+            set_state_dict(
+                self.model,
+                self.optimizer.optimizer,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optim"],
+            )
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        if acc.scaler is not None and (path / "scaler.pt").is_file():
+            acc.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+        rng = path / "rng" / f"rank-{acc.process_index:05d}.pt"
+        if rng.is_file():  # absent when resuming on more processes than saved: only dropout is affected
+            _set_rng_state(torch.load(rng, weights_only=False))  # our own file: numpy state needs pickle
+        self.state.load_state_dict(json.loads((path / "train_state.json").read_text()))
+
+
+def export_final(accelerator, checkpoint: Path, out_dir: Path) -> None:
+    """`final/` is the export of the last checkpoint, by the same code as `dtrain export`."""
+    if accelerator.is_main_process:
+        from dtrain.export import export_checkpoint
+
+        export_checkpoint(checkpoint, out_dir, replace=True)
     accelerator.wait_for_everyone()

@@ -9,6 +9,7 @@ USAGE = """usage: dtrain <command> [args]
 commands:
   train    run the training script (same flags as `python dtrain/train.py`; --help lists them)
   launch   check a launch profile and run `accelerate launch` with it (dtrain launch --help)
+  export   turn a checkpoint of any profile into a Hugging Face model directory (dtrain export --help)
 """
 
 
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         from dtrain.launch import main as launch_main
 
         return launch_main(rest)
+    if command == "export":
+        from dtrain.export import main as export_main
+
+        return export_main(rest)
     if command in ("-V", "--version"):
         from dtrain import __version__
 

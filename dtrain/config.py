@@ -161,10 +161,17 @@ class CheckpointConfig:
     save_steps: int = 250
     """Save a resumable checkpoint every this many optimizer steps (0 = only at the end)."""
     keep_last: int = 2
-    """Complete checkpoints kept; older ones are deleted only after a newer one is committed."""
+    """Newest complete checkpoints kept; older ones are deleted only after a newer one is committed."""
+    keep_best: bool = True
+    """Also keep the checkpoint with the best eval.metric (never rotated away; linked as checkpoints/best).
+    Only checkpoints saved at an eval step have a metric: make save_steps a multiple of eval.steps."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this, as milestones (0 = none)."""
     resume: str = "auto"
-    """auto: continue from the newest complete checkpoint in output_dir (fresh start if none);
-    never: always start fresh; or a checkpoint directory path."""
+    """auto: continue from the newest complete checkpoint in output_dir (fresh start if none; a corrupt
+    one is set aside and the one before it used); never: always start fresh; or a checkpoint path."""
+    allow_config_change: bool = False
+    """Resume even though model, data, seed, batch, optimizer or precision differ from the checkpoint's run."""
 
 
 @dataclass
@@ -377,6 +384,7 @@ def validate(cfg: Config) -> list[str]:
     positive("eval.num_samples", e.num_samples, allow_zero=True)
     positive("checkpoint.save_steps", c.save_steps, allow_zero=True)
     positive("checkpoint.keep_last", c.keep_last)
+    positive("checkpoint.keep_every", c.keep_every, allow_zero=True)
     positive("log.every_steps", lg.every_steps)
 
     if t.max_steps is None and t.num_epochs is None:

@@ -168,7 +168,7 @@ def build_command(
         "--num_machines",
         str(nodes),
     ]
-    env: dict[str, str] = {}
+    env: dict[str, str] = {"DTRAIN_PROFILE": profile.name}  # recorded in every checkpoint's marker
     if profile.ds_config_path is not None:  # absolute, so the launch works from any directory
         cmd += ["--deepspeed_config_file", str(profile.ds_config_path)]
     if nodes > 1:

@@ -57,11 +57,7 @@ class MetricsLogger:
         """On resume: drop rows logged after the checkpoint; the resumed run logs them again."""
         if not self.main or not self.path.exists():
             return
-        rows = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-        ]
+        rows = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(r + "\n" for r in rows))
         tmp.replace(self.path)
@@ -125,3 +121,11 @@ class MetricsLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _step_of(line: str) -> float:
+    """A row's step; a line torn by a kill (or blank) sorts after every checkpoint, so it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

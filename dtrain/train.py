@@ -28,9 +28,11 @@ import torch
 from dtrain.checkpoint import (
     Checkpointer,
     TrainState,
-    export_hf,
+    check_continuity,
+    export_final,
     prepare_output_dir,
     resolve_resume,
+    write_json_atomic,
 )
 from dtrain.config import Config, UserError, flatten, parse_config
 from dtrain.data import Collator, Data, build_data, train_loader
@@ -125,6 +127,7 @@ def track_best(state: TrainState, row: dict, metric: str, patience: int) -> bool
     value = row.get(f"eval_{metric}")
     if value is None or math.isnan(value):
         return False
+    state.last_eval_step, state.last_eval_metric = row["step"], value
     better = state.best_metric is None or (
         value < state.best_metric if metric == "loss" else value > state.best_metric
     )
@@ -138,13 +141,17 @@ def track_best(state: TrainState, row: dict, metric: str, patience: int) -> bool
 
 def write_run_files(out: Path, cfg: Config, info: dict) -> None:
     """config.yaml (feed it back as --config to reproduce) and run_info.json (resumes appended)."""
-    (out / "config.yaml").write_text(cfg.to_yaml())
+    tmp = out / "config.yaml.tmp"
+    tmp.write_text(cfg.to_yaml())
+    tmp.replace(out / "config.yaml")
     path = out / "run_info.json"
-    if path.exists():
+    try:
         first = json.loads(path.read_text())
         first.setdefault("resumes", []).append(info)
         info = first
-    path.write_text(json.dumps(info, indent=2) + "\n")
+    except (OSError, ValueError):  # a fresh run (or a file torn by a kill: start it again)
+        pass
+    write_json_atomic(path, info)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,9 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = build_accelerator(cfg)
     quiet_other_ranks(accelerator)
     out = Path(cfg.output_dir)
-    resume_from = resolve_resume(out, cfg.checkpoint.resume, cfg.overwrite_output_dir)
+    plan = resolve_resume(out, cfg.checkpoint.resume, cfg.overwrite_output_dir, cfg.to_yaml())
+    resume_from = plan.path
+    if resume_from is not None:  # before anything heavy loads: refuse a resume that changes the run
+        check_continuity(resume_from, cfg, accelerator)
     if accelerator.is_main_process:
-        prepare_output_dir(out, cfg.overwrite_output_dir, resuming=resume_from is not None)
+        prepare_output_dir(out, cfg.overwrite_output_dir, plan)
     accelerator.wait_for_everyone()
 
     from accelerate.utils import set_seed
@@ -168,15 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     max_steps = total_steps(cfg, len(data.train), accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.optim, accelerator.device)
     scheduler = build_scheduler(optimizer, cfg.optim, max_steps)
+    # The scheduler is stepped by hand once per optimizer step (fp16-skipped steps excluded), so it is
+    # not prepared; the checkpointer saves it with everything else.
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
-    # The scheduler is stepped by hand once per optimizer step, so it is registered rather than prepared.
-    accelerator.register_for_checkpointing(scheduler, state)
-    checkpointer = Checkpointer(accelerator, out, cfg.checkpoint.keep_last, cfg.to_yaml())
+    checkpointer = Checkpointer(accelerator, cfg, model, optimizer, scheduler, state, tokenizer)
 
     if resume_from is not None:
         checkpointer.load(resume_from)
-        if (state.step >= max_steps or state.early_stopped) and (out / "final" / "config.json").is_file():
+        finished = state.step >= max_steps or state.early_stopped
+        if finished and (out / "final" / "config.json").is_file():
             accelerator.print(
                 f"dtrain: run in {out} is already complete at step {state.step}; final model in {out / 'final'}"
             )
@@ -224,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.log(row)
     model.train()
     logger.restart_clock()
-    while state.step < max_steps:
+    while state.step < max_steps and not state.early_stopped:
         step = state.step + 1
         is_eval = bool(cfg.eval.steps) and step % cfg.eval.steps == 0
         is_save = bool(cfg.checkpoint.save_steps) and step % cfg.checkpoint.save_steps == 0
@@ -239,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             scheduler.step()
         state.step, state.samples_seen = step, state.samples_seen + global_batch
+        state.epoch = state.samples_seen / len(data.train)
         stats.add(loss_sum, targets, tokens, positions)
         logger.advance()
 
@@ -250,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 sums,
                 _to_float(lr),
                 _to_float(grad_norm),
-                state.samples_seen / len(data.train),
+                state.epoch,
                 state.tokens_seen,
             )
             if accelerator.mixed_precision == "fp16":
@@ -272,19 +284,18 @@ def main(argv: list[str] | None = None) -> int:
                     f"{cfg.eval.early_stopping_patience} evals (best {state.best_metric:.4g} at step {state.best_step})"
                 )
         if (is_save and step < max_steps) or stop_early:
-            checkpointer.save(state)
+            checkpointer.save()
         if is_eval or is_save:
             logger.restart_clock()
         if stop_early:
             break
 
-    if last_eval_step != state.step:
+    if last_eval_step != state.step and state.last_eval_step != state.step:
         row, predictions = run_eval(accelerator, model, tokenizer, data, cfg, collator, state.step)
         track_best(state, row, cfg.eval.metric, 0)
         logger.log(row)
-    if not state.early_stopped:
-        checkpointer.save(state)
-    export_hf(accelerator, model, tokenizer, out / "final")
+    last = checkpointer.save()  # a no-op when this step is already committed (early stop, resumed at the end)
+    export_final(accelerator, last, out / "final")
     logger.close()
     report_samples(accelerator, out, predictions, cfg.eval.num_samples)
     accelerator.end_training()

@@ -46,6 +46,18 @@ def run_train(args: list[str], timeout: int = 600, **env: str) -> subprocess.Com
     )
 
 
+def run_dtrain(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The `dtrain` console script (`python -m dtrain.cli ARGS`)."""
+    return subprocess.run(
+        [sys.executable, "-m", "dtrain.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env_for_subprocess(),
+    )
+
+
 def run_accelerate(
     num_processes: int, args: list[str], cpu: bool = True, timeout: int = 900
 ) -> subprocess.CompletedProcess:
@@ -56,6 +68,36 @@ def run_accelerate(
            "--main_process_port", str(_free_port()), str(TRAIN), *args]  # fmt: skip
     env = env_for_subprocess(ACCELERATE_USE_CPU="1") if cpu else env_for_subprocess()
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def launch_cmd(profile: str, args: list[str], gpus: int = 2) -> list[str]:
+    """`dtrain launch PROFILE --cpu`: the profile rehearsed on gloo ranks."""
+    port = f"127.0.0.1:{_free_port()}"
+    return [
+        sys.executable,
+        "-m",
+        "dtrain.cli",
+        "launch",
+        profile,
+        "--cpu",
+        "--gpus",
+        str(gpus),
+        "--main-address",
+        port,
+        "--",
+        *args,
+    ]
+
+
+def dtrain_launch(profile: str, args: list[str], gpus: int = 2, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        launch_cmd(profile, args, gpus),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env_for_subprocess(**env),
+    )
 
 
 def _free_port() -> int:

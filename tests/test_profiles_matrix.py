@@ -13,7 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, _free_port, assert_ok, env_for_subprocess, run_train, train_rows
+from conftest import (
+    REPO,
+    TINY,
+    _free_port,
+    assert_ok,
+    dtrain_launch,
+    env_for_subprocess,
+    launch_cmd,
+    run_train,
+    train_rows,
+)
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -24,35 +34,6 @@ LOSS_RTOL = 1e-5  # measured: 8.9e-8 largest relative loss difference (fp32, 6 s
 # big enough that bitsandbytes and torchao use 8-bit state (both keep tensors under 4096 elements, after
 # FSDP sharding for torchao, in fp32)
 WIDER = ["--model.hidden_size", "128", "--model.intermediate_size", "256"]
-
-
-def launch_cmd(profile: str, args: list[str]) -> list[str]:
-    port = f"127.0.0.1:{_free_port()}"
-    return [
-        sys.executable,
-        "-m",
-        "dtrain.cli",
-        "launch",
-        profile,
-        "--cpu",
-        "--gpus",
-        "2",
-        "--main-address",
-        port,
-        "--",
-        *args,
-    ]
-
-
-def dtrain_launch(profile: str, args: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        launch_cmd(profile, args),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env_for_subprocess(**env),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +55,13 @@ def test_profile_trains_saves_resumes_and_exports(profile, single, tmp_path):
     assert info["type"].endswith(expected) and info["num_processes"] == 2
     if profile == "fsdp":  # really sharded, not DDP in disguise
         assert info["sharded_parameters"] == "20/20"
-        shards = sorted(
-            p.name for p in (out / "checkpoints" / "step-00000006" / "pytorch_model_fsdp_0").iterdir()
-        )
+        shards = sorted(p.name for p in (out / "checkpoints" / "step-00000006" / "dcp").iterdir())
         assert "__0_0.distcp" in shards and "__1_0.distcp" in shards
+    marker = json.loads((out / "checkpoints" / "step-00000006" / "dtrain_checkpoint.json").read_text())
+    assert marker["profile"] == profile and marker["world_size"] == 2
     if profile.startswith("zero"):
-        assert (out / "checkpoints" / "step-00000006" / "pytorch_model").is_dir()
+        assert marker["format"] == "deepspeed"
+        assert (out / "checkpoints" / "step-00000006" / "deepspeed" / "ds").is_dir()
 
     # the same mathematical training as one process
     ref, got = train_rows(single), train_rows(out)

@@ -97,9 +97,16 @@ def test_run_info_has_what_reproduces_the_run(tiny_run):
 def test_checkpoints_are_committed_and_rotated(tiny_run):
     out, _ = tiny_run
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert names == ["step-00000008", "step-00000012"]  # keep_last=2, step 4 rotated away
+    assert names == ["best", "step-00000008", "step-00000012"]  # keep_last=2, step 4 rotated away
     marker = json.loads((out / "checkpoints" / "step-00000012" / "dtrain_checkpoint.json").read_text())
     assert marker["step"] == 12 and marker["train_state"]["samples_seen"] == 48
+    assert marker["world_size"] == 1 and marker["profile"] == "single" and marker["format"] == "dcp"
+    assert len(marker["config_sha256"]) == 16
+    # the eval at step 12 (the only save step with an eval) is the best checkpoint
+    assert (
+        marker["eval"]["metric"] == "loss" and marker["eval"]["value"] == marker["train_state"]["best_metric"]
+    )
+    assert (out / "checkpoints" / "best").resolve() == (out / "checkpoints" / "step-00000012").resolve()
     for f in marker["files"]:
         assert (out / "checkpoints" / "step-00000012" / f["path"]).stat().st_size == f["bytes"]
 
@@ -118,9 +125,11 @@ def test_final_model_reloads_and_generates(tiny_run):
     # The exported weights are the trained ones: the last checkpoint holds the same tensors.
     from safetensors.torch import load_file
 
+    from dtrain.export import full_state_dict
+
     exported = load_file(out / "final" / "model.safetensors")
-    saved = load_file(out / "checkpoints" / "step-00000012" / "model.safetensors")
-    assert exported.keys() == saved.keys()
+    saved = full_state_dict(out / "checkpoints" / "step-00000012")
+    assert exported.keys() <= saved.keys() and "model.embed_tokens.weight" in exported
     assert all(torch.equal(exported[k], saved[k]) for k in exported)
 
 
@@ -195,7 +204,8 @@ def test_gradient_accumulation_bf16_and_unclipped_norm(tmp_path):
     info = json.loads((out / "run_info.json").read_text())
     assert info["distributed"]["mixed_precision"] == "bf16"
     assert rows[-1]["epoch"] == pytest.approx(4 * 8 / 240)  # 2 micro-batches of 4 per step
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000004"]  # the end always saves
+    # the end always saves (and its final eval makes it the best)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best", "step-00000004"]
 
 
 def test_early_stopping(tmp_path):

@@ -1,0 +1,80 @@
+"""A checkpoint saved with 2 processes resumes on 1 and the reverse (DDP and FSDP: torch.distributed.checkpoint
+reshards on load), on real 2-rank gloo launches. DeepSpeed ZeRO checkpoints are tied to their world size:
+the error names the command that converts one. Slow: ~20 s a launch."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import TINY, assert_ok, dtrain_launch, run_train, train_rows
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+SHAPE = [*TINY, "--train.max_steps", "6", "--checkpoint.save_steps", "3", "--eval.steps", "3"]
+ONE = ["--train.per_device_batch_size", "8"]  # 1 process x 8 = 2 ranks x 4 (the smoke recipe's batch)
+RTOL = 1e-5
+
+
+def straight_run(tmp: Path, where: str) -> Path:
+    out = tmp / where
+    proc = (
+        run_train([*SHAPE, *ONE, "--output_dir", str(out)])
+        if where == "one"
+        else dtrain_launch(where, [*SHAPE, "--output_dir", str(out)])
+    )
+    assert_ok(proc)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("straight")
+    return {where: straight_run(tmp, where) for where in ("one", "ddp", "fsdp")}
+
+
+def resume_from_step3(src: Path, dst: Path, where: str):
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / "step-00000003", dst / "checkpoints" / "step-00000003")
+    shutil.copytree(src / "data", dst / "data")
+    if where == "one":
+        return run_train([*SHAPE, *ONE, "--output_dir", str(dst)])
+    return dtrain_launch(where, [*SHAPE, "--output_dir", str(dst)])
+
+
+@pytest.mark.parametrize(
+    ("saved_on", "resumed_on"), [("ddp", "one"), ("one", "ddp"), ("fsdp", "one"), ("one", "fsdp")]
+)
+def test_resume_on_another_world_size(runs, tmp_path, saved_on, resumed_on):
+    src, dst = runs[saved_on], tmp_path / "resumed"
+    proc = resume_from_step3(src, dst, resumed_on)
+    assert_ok(proc)
+    world = {"one": 1}.get(resumed_on, 2)
+    assert f"processes {1 if saved_on == 'one' else 2} -> {world}" in proc.stdout  # logged, not refused
+    straight = {r["step"]: r["loss"] for r in train_rows(src)}
+    again = {r["step"]: r["loss"] for r in train_rows(dst)}
+    assert sorted(again) == [4, 5, 6]
+    worst = max(abs(again[s] - straight[s]) / straight[s] for s in again)
+    assert worst <= RTOL, (saved_on, resumed_on, worst)
+    a, b = load_file(src / "final" / "model.safetensors"), load_file(dst / "final" / "model.safetensors")
+    worst_w = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst_w <= 1e-5, worst_w
+
+
+def test_deepspeed_checkpoint_on_another_world_size_names_the_conversion(tmp_path):
+    src = tmp_path / "zero2"
+    assert_ok(dtrain_launch("zero2", [*SHAPE, "--train.max_steps", "3", "--output_dir", str(src)]))
+    ckpt = src / "checkpoints" / "step-00000003"
+    proc = run_train([*SHAPE, *ONE, "--output_dir", str(tmp_path / "one"), "--checkpoint.resume", str(ckpt)])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"dtrain: error: checkpoint {ckpt} was written by DeepSpeed (zero2)")
+    assert f"dtrain export {ckpt} OUT" in line
+    # ...and the command it names works: a model directory to start a new run from
+    from dtrain.export import export_checkpoint
+
+    export_checkpoint(ckpt, tmp_path / "model")
+    assert_ok(run_train([*TINY, "--train.max_steps", "2", "--model.name_or_path", str(tmp_path / "model"),
+                         "--data.path", str(src / "data" / "train.jsonl"), "--output_dir", str(tmp_path / "new")]))  # fmt: skip
