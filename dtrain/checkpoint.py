@@ -251,8 +251,9 @@ def compare_configs(
     return breaking, harmless
 
 
-def check_continuity(path: Path, cfg: Config, accelerator) -> None:
-    """Refuse a resume that would silently change the run (before anything heavy is loaded)."""
+def check_continuity(path: Path, cfg: Config, accelerator) -> list[str]:
+    """Refuse a resume that would silently change the run (before anything heavy is loaded); returns the
+    changes that were allowed, for run_info.json."""
     marker = read_marker(path)
     fmt, is_ds = marker.get("format"), accelerator.distributed_type.name == "DEEPSPEED"
     if fmt == "deepspeed" and not is_ds:
@@ -282,6 +283,7 @@ def check_continuity(path: Path, cfg: Config, accelerator) -> None:
         )
     if breaking or harmless:
         accelerator.print("dtrain: resuming with changed settings: " + "; ".join(breaking + harmless))
+    return breaking + harmless
 
 
 # --------------------------------------------------------------------------------------------

@@ -161,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_other_ranks(accelerator)
     out = Path(cfg.output_dir)
     plan = resolve_resume(out, cfg.checkpoint.resume, cfg.overwrite_output_dir, cfg.to_yaml())
-    resume_from = plan.path
+    resume_from, changes = plan.path, []
     if resume_from is not None:  # before anything heavy loads: refuse a resume that changes the run
-        check_continuity(resume_from, cfg, accelerator)
+        changes = check_continuity(resume_from, cfg, accelerator)
     if accelerator.is_main_process:
         prepare_output_dir(out, cfg.overwrite_output_dir, plan)
     accelerator.wait_for_everyone()
@@ -198,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         info = run_info(accelerator, cfg, argv, data.stats, num_params)
         info["distributed"]["sharded_parameters"] = count_sharded(model)
+        if resume_from is not None:
+            info["resumed_from"] = {
+                "checkpoint": str(resume_from),
+                "step": state.step,
+                "config_changes": changes,
+            }
         write_run_files(out, cfg, info)
     if cfg.log.report_to != "none":
         accelerator.init_trackers(cfg.log.project, config=flatten(cfg))

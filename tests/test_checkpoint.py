@@ -211,6 +211,30 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(straight, tmp_pat
     assert same_weights(run, straight)
 
 
+def test_unwritable_checkpoint_dir_fails_the_save_and_keeps_the_previous(straight, tmp_path):
+    """Root ignores file modes, so the directory is made unwritable for real with a read-only bind mount."""
+    run = resumable_copy(straight, tmp_path / "run", 8)
+    root = run / "checkpoints"
+    if subprocess.run(["mount", "--bind", str(root), str(root)], capture_output=True).returncode != 0:
+        pytest.skip("bind mounts need root with CAP_SYS_ADMIN; this machine does not allow it")
+    try:
+        assert (
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(root)], capture_output=True).returncode == 0
+        )
+        proc = run_train([*TINY, *SHAPE, "--output_dir", str(run)])
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"dtrain: error: saving checkpoint {root / 'step-00000012'} failed: permission denied"
+    )
+    assert "the previous checkpoint step-00000008 is intact" in last
+    assert (
+        sorted(p.name for p in root.iterdir()) == ["step-00000008"] and verify(root / "step-00000008") is None
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # Config continuity on resume
 # ------------------------------------------------------------------------------------------------
@@ -243,6 +267,8 @@ def test_allow_config_change_resumes_and_says_what_changed(straight, tmp_path):
                       "--output_dir", str(run)])  # fmt: skip
     assert_ok(proc)
     assert "resuming with changed settings: optim.lr 0.01 -> 0.005" in proc.stdout
+    resumed = json.loads((run / "run_info.json").read_text())["resumed_from"]  # recorded for reproduction
+    assert resumed["step"] == 8 and "optim.lr 0.01 -> 0.005" in resumed["config_changes"]
     assert sorted(losses(run)) == [9, 10, 11, 12]
 
 

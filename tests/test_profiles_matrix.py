@@ -21,6 +21,7 @@ from conftest import (
     dtrain_launch,
     env_for_subprocess,
     launch_cmd,
+    run_dtrain,
     run_train,
     train_rows,
 )
@@ -78,6 +79,18 @@ def test_profile_trains_saves_resumes_and_exports(profile, single, tmp_path):
     for key, value in reference.items():
         assert torch.allclose(exported[key].float(), value, atol=1e-5), key
     assert model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=2).shape[1] > 3
+    # `dtrain export` of the mid-run checkpoint (every rank's shards, read back by one process) holds the
+    # same fp32 weights as one process's step-3 checkpoint
+    from dtrain.export import full_state_dict
+
+    assert_ok(run_dtrain("export", str(out / "checkpoints" / "step-00000003"), str(tmp_path / "step3")))
+    step3, ref3 = (
+        load_file(tmp_path / "step3" / "model.safetensors"),
+        full_state_dict(single / "checkpoints" / "step-00000003"),
+    )
+    assert "model.embed_tokens.weight" in step3
+    for key, value in step3.items():
+        assert value.dtype == torch.float32 and torch.allclose(value, ref3[key], atol=1e-5), key
 
     # resume from the step-3 checkpoint: steps 4..6 as in the straight run
     resumed = tmp_path / "resumed"
@@ -90,7 +103,12 @@ def test_profile_trains_saves_resumes_and_exports(profile, single, tmp_path):
     again = {r["step"]: r["loss"] for r in train_rows(resumed)}
     assert sorted(again) == [4, 5, 6]
     worst = max(abs(again[s] - straight[s]) / straight[s] for s in again)
-    assert worst <= 1e-6, (profile, worst)
+    assert worst <= 1e-6, (profile, worst)  # measured: 0.0 for every profile
+    wa, wb = (
+        load_file(out / "final" / "model.safetensors"),
+        load_file(resumed / "final" / "model.safetensors"),
+    )
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
 
 
 @pytest.mark.parametrize(
