@@ -42,6 +42,9 @@ TMP_PREFIX = ".tmp-"
 CORRUPT_PREFIX = "corrupt-"
 BEST_LINK = "best"
 DS_TAG = "ds"
+DS_UNIVERSAL_TAG = (
+    "ds_universal"  # DeepSpeed's universal checkpoint, converted from DS_TAG for a new world size
+)
 RUN_FILES = ("config.yaml", "run_info.json", "metrics.jsonl", "samples.jsonl", "checkpoints", "final", "logs")
 
 
@@ -267,11 +270,16 @@ def check_continuity(path: Path, cfg: Config, accelerator) -> list[str]:
             f"with a non-DeepSpeed profile, or `dtrain export {path} OUT` and start a new run from OUT"
         )
     if is_ds and marker.get("world_size") != accelerator.num_processes:
-        raise CheckpointError(
-            f"checkpoint {path} holds ZeRO partitions for {marker.get('world_size')} processes, this run has "
-            f"{accelerator.num_processes}; resume with {marker.get('world_size')} processes, or "
-            f"`dtrain export {path} OUT` and start a new run from OUT with --model.name_or_path OUT"
-        )
+        universal = path / "deepspeed" / DS_UNIVERSAL_TAG
+        if not universal.is_dir():
+            raise CheckpointError(
+                f"checkpoint {path} holds ZeRO partitions for {marker.get('world_size')} processes, this run has "
+                f"{accelerator.num_processes}; convert it once with `python -m deepspeed.checkpoint.ds_to_universal "
+                f"--inject_missing_state --input_folder {path / 'deepspeed' / DS_TAG} --output_folder {universal}` "
+                f"and rerun, or resume with {marker.get('world_size')} processes"
+            )
+        # DeepSpeed reads this flag when the engine is built, so it is set before accelerator.prepare
+        accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
     saved = yaml.safe_load((path / "config.yaml").read_text())
     breaking, harmless = compare_configs(
         saved, marker, cfg, accelerator.num_processes, accelerator.mixed_precision
@@ -552,9 +560,10 @@ class Checkpointer:
     def load(self, path: Path) -> None:
         acc = self.acc
         if self.deepspeed:
+            universal = self.model.load_universal_checkpoint()  # set by check_continuity for a new world size
             loaded, _ = self.model.load_checkpoint(
                 str(path / "deepspeed"),
-                tag=DS_TAG,
+                tag=DS_UNIVERSAL_TAG if universal else DS_TAG,
                 load_optimizer_states=True,
                 load_lr_scheduler_states=False,
             )

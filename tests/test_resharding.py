@@ -1,14 +1,17 @@
 """A checkpoint saved with 2 processes resumes on 1 and the reverse (DDP and FSDP: torch.distributed.checkpoint
 reshards on load), on real 2-rank gloo launches. DeepSpeed ZeRO checkpoints are tied to their world size:
-the error names the command that converts one. Slow: ~20 s a launch."""
+on another world size the error names DeepSpeed's universal-checkpoint conversion, after which the resume
+works. Slow: ~20 s a launch."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, assert_ok, dtrain_launch, run_train, train_rows
+from conftest import REPO, TINY, assert_ok, dtrain_launch, run_train, train_rows
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -63,7 +66,37 @@ def test_resume_on_another_world_size(runs, tmp_path, saved_on, resumed_on):
     assert worst_w <= 1e-5, worst_w
 
 
-def test_deepspeed_checkpoint_on_another_world_size_names_the_conversion(tmp_path):
+def test_deepspeed_checkpoint_on_another_world_size_names_the_conversion_that_works(tmp_path):
+    """ZeRO partitions belong to a world size. On another one the error names DeepSpeed's universal-checkpoint
+    conversion; after running exactly that command the same resume continues the run."""
+    src = tmp_path / "zero2"
+    assert_ok(dtrain_launch("zero2", [*SHAPE, "--output_dir", str(src)]))
+    dst = tmp_path / "four"
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / "step-00000003", dst / "checkpoints" / "step-00000003")
+    shutil.copytree(src / "data", dst / "data")
+    four = [*SHAPE, "--train.per_device_batch_size", "2", "--output_dir", str(dst)]  # 4 x 2 = 2 x 4
+    proc = dtrain_launch("zero2", four, gpus=4)
+    assert proc.returncode != 0 and not (dst / "metrics.jsonl").exists()
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("dtrain: error:"))
+    assert "holds ZeRO partitions for 2 processes, this run has 4" in line
+    command = line.split("`")[1]
+    assert command.startswith("python -m deepspeed.checkpoint.ds_to_universal")
+    convert = subprocess.run([sys.executable, *command.split()[1:]], capture_output=True, text=True, cwd=REPO)
+    assert convert.returncode == 0, convert.stderr[-2000:]
+    proc = dtrain_launch("zero2", four, gpus=4)
+    assert_ok(proc)
+    assert "processes 2 -> 4" in proc.stdout
+    straight = {r["step"]: r["loss"] for r in train_rows(src)}
+    again = {r["step"]: r["loss"] for r in train_rows(dst)}
+    assert sorted(again) == [4, 5, 6]
+    worst = max(abs(again[s] - straight[s]) / straight[s] for s in again)
+    assert worst <= RTOL, worst
+    a, b = load_file(src / "final" / "model.safetensors"), load_file(dst / "final" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+def test_deepspeed_checkpoint_in_a_non_deepspeed_run_names_the_export(tmp_path):
     src = tmp_path / "zero2"
     assert_ok(dtrain_launch("zero2", [*SHAPE, "--train.max_steps", "3", "--output_dir", str(src)]))
     ckpt = src / "checkpoints" / "step-00000003"
