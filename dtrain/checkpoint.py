@@ -546,10 +546,13 @@ class Checkpointer:
         best = best_checkpoint(done, self.metric) if self.ckpt_cfg.keep_best else None
         if best is not None:  # checkpoints/best -> step-...: replaced atomically
             tmp_link = self.root / (BEST_LINK + ".tmp")
-            if tmp_link.is_symlink() or tmp_link.exists():
-                tmp_link.unlink()
-            tmp_link.symlink_to(best.name)
-            os.replace(tmp_link, self.root / BEST_LINK)
+            try:
+                if tmp_link.is_symlink() or tmp_link.exists():
+                    tmp_link.unlink()
+                tmp_link.symlink_to(best.name)
+                os.replace(tmp_link, self.root / BEST_LINK)
+            except OSError:  # a filesystem without symlinks: the markers still say which one is best
+                pass
         keep = retained(done, self.ckpt_cfg.keep_last, self.ckpt_cfg.keep_every, best)
         for old in done:
             if old not in keep:

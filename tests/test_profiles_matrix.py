@@ -121,30 +121,25 @@ def test_profile_trains_saves_resumes_and_exports(profile, single, tmp_path):
         ("fsdp", "adamw_8bit_ao"),
     ],
 )
-def test_eight_bit_state_is_really_eight_bit(profile, optim, tmp_path):
+def test_eight_bit_state_is_really_eight_bit_and_resumes(profile, optim, tmp_path):
+    args = [*TINY, *WIDER, "--optim.name", optim, "--train.max_steps", "4", "--checkpoint.save_steps", "2",
+            "--eval.steps", "0", "--eval.num_generate", "0"]  # fmt: skip
     out = tmp_path / "run"
-    proc = dtrain_launch(
-        profile,
-        [
-            *TINY,
-            *WIDER,
-            "--output_dir",
-            str(out),
-            "--optim.name",
-            optim,
-            "--train.max_steps",
-            "2",
-            "--eval.steps",
-            "0",
-            "--checkpoint.save_steps",
-            "0",
-        ],
-    )
-    assert_ok(proc)
+    assert_ok(dtrain_launch(profile, [*args, "--output_dir", str(out)]))
     first = train_rows(out)[0]
     assert "uint8" in first["optim_state_dtypes"], first
     assert first["optim_state_bytes_per_param"] < 3.0, first  # fp32 AdamW keeps 8
     assert train_rows(out)[-1]["loss"] < 10
+    # the 8-bit state (quantized moments and their scales) goes through the checkpoint and back
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
+    shutil.copytree(out / "data", resumed / "data")
+    assert_ok(dtrain_launch(profile, [*args, "--output_dir", str(resumed)]))
+    straight = {r["step"]: r["loss"] for r in train_rows(out)}
+    again = {r["step"]: r["loss"] for r in train_rows(resumed)}
+    assert sorted(again) == [3, 4]
+    assert all(abs(again[s] - straight[s]) <= 1e-6 * straight[s] for s in again), (straight, again)
 
 
 def test_eight_bit_on_one_process(tmp_path):
