@@ -269,8 +269,22 @@ def check_continuity(path: Path, cfg: Config, accelerator) -> list[str]:
             f"checkpoint {path} was written by {marker.get('profile')} and can't resume under DeepSpeed; resume it "
             f"with a non-DeepSpeed profile, or `dtrain export {path} OUT` and start a new run from OUT"
         )
+    stage = accelerator.state.deepspeed_plugin.zero_stage if is_ds else None
+    if is_ds and marker.get("zero_stage", stage) != stage:
+        raise CheckpointError(
+            f"checkpoint {path} was written by ZeRO-{marker['zero_stage']}, this run is ZeRO-{stage}; resume it "
+            f"with the {marker.get('profile')} profile, or `dtrain export {path} OUT` and start a new run from OUT"
+        )
     if is_ds and marker.get("world_size") != accelerator.num_processes:
         universal = path / "deepspeed" / DS_UNIVERSAL_TAG
+        if (
+            stage == 3
+        ):  # measured: after the universal conversion ZeRO-3 resumes with different optimizer math
+            raise CheckpointError(
+                f"checkpoint {path} holds ZeRO-3 partitions for {marker.get('world_size')} processes, this run "
+                f"has {accelerator.num_processes}; resume with {marker.get('world_size')} processes, or "
+                f"`dtrain export {path} OUT` and start a new run from OUT (without the optimizer state)"
+            )
         if not universal.is_dir():
             raise CheckpointError(
                 f"checkpoint {path} holds ZeRO partitions for {marker.get('world_size')} processes, this run has "
@@ -526,6 +540,7 @@ class Checkpointer:
             "world_size": self.acc.num_processes,
             "profile": profile_name(self.acc),
             "distributed_type": self.acc.distributed_type.name,
+            "zero_stage": self.acc.state.deepspeed_plugin.zero_stage if self.deepspeed else None,
             "mixed_precision": self.acc.mixed_precision,
             "global_batch": self.global_batch,
             "config_sha256": config_hash(self.config_yaml),
@@ -586,6 +601,13 @@ class Checkpointer:
                 optim_state_dict=state["optim"],
             )
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        # The schedule owns the learning rate: restore it into the optimizer in case the optimizer state
+        # did not carry it (DeepSpeed's universal checkpoint keeps only parameters and moments)
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         if acc.scaler is not None and (path / "scaler.pt").is_file():
             acc.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
         rng = path / "rng" / f"rank-{acc.process_index:05d}.pt"
