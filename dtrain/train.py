@@ -125,9 +125,11 @@ def run_eval(
 def track_best(state: TrainState, row: dict, metric: str, patience: int) -> bool:
     """Update best/early-stopping state from an eval row; True when training should stop."""
     value = row.get(f"eval_{metric}")
-    if value is None or math.isnan(value):
-        return False
+    if value is not None and math.isnan(value):
+        value = None
     state.last_eval_step, state.last_eval_metric = row["step"], value
+    if value is None:
+        return False
     better = state.best_metric is None or (
         value < state.best_metric if metric == "loss" else value > state.best_metric
     )
@@ -235,7 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     grad_norm = None
     state_reported = False
     predictions: list[dict] = []
-    last_eval_step = -1
     if cfg.eval.at_start and state.step == 0:
         row, _ = run_eval(accelerator, model, tokenizer, data, cfg, collator, step=0)
         logger.log(row)
@@ -282,7 +283,6 @@ def main(argv: list[str] | None = None) -> int:
             row, predictions = run_eval(accelerator, model, tokenizer, data, cfg, collator, step)
             stop_early = track_best(state, row, cfg.eval.metric, cfg.eval.early_stopping_patience)
             logger.log(row)
-            last_eval_step = step
             if stop_early:
                 state.early_stopped = True
                 logger.write(
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         if stop_early:
             break
 
-    if last_eval_step != state.step and state.last_eval_step != state.step:
+    if state.last_eval_step != state.step:  # not when the last step (or a resumed end) already evaluated
         row, predictions = run_eval(accelerator, model, tokenizer, data, cfg, collator, state.step)
         track_best(state, row, cfg.eval.metric, 0)
         logger.log(row)
