@@ -88,6 +88,13 @@ def build_model(cfg: ModelConfig, tokenizer, data: DataConfig, eval_cfg: EvalCon
     return model
 
 
+def count_parameters(model: torch.nn.Module) -> int:
+    """Parameters of the whole model, counted right under every profile: ZeRO-3 partitions report 0 local
+    elements but carry the full count as `ds_numel`; FSDP2 DTensor shards report their global size; meta
+    tensors have a shape. Tied weights (one tensor under two names) count once."""
+    return sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters())
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropy over target tokens (labels != -100), in fp32.
 

@@ -38,7 +38,7 @@ from dtrain.config import Config, UserError, flatten, parse_config
 from dtrain.data import Collator, Data, build_data, train_loader
 from dtrain.evaluation import eval_loss, generate_answers
 from dtrain.metrics import MetricsLogger, StepStats
-from dtrain.modeling import build_model, build_tokenizer, count_targets, token_loss_sum
+from dtrain.modeling import build_model, build_tokenizer, count_parameters, count_targets, token_loss_sum
 from dtrain.optim import build_optimizer, build_scheduler, optimizer_state_bytes
 from dtrain.runtime import build_accelerator, run_info
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = build_tokenizer(cfg.model)
     data = load_data(cfg, tokenizer, accelerator)
     model = build_model(cfg.model, tokenizer, cfg.data, cfg.eval)
-    num_params = sum(p.numel() for p in model.parameters())
+    num_params = count_parameters(model)
     max_steps = total_steps(cfg, len(data.train), accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.optim, accelerator.device)
     scheduler = build_scheduler(optimizer, cfg.optim, max_steps)
@@ -327,7 +327,7 @@ def optimizer_state_row(accelerator, optimizer, num_params: int) -> dict:
             merged[key] = merged.get(key, 0) + value
     replicas = 1 if accelerator.distributed_type.name in ("DEEPSPEED", "FSDP") else accelerator.num_processes
     return {
-        "optim_state_bytes_per_param": sum(merged.values()) / replicas / num_params,
+        "optim_state_bytes_per_param": sum(merged.values()) / replicas / num_params if num_params else None,
         "optim_state_dtypes": ",".join(sorted(set(dtypes) | set(merged))),
     }
 
