@@ -47,6 +47,9 @@ class ModelConfig:
     """Attention kernel (sdpa, eager, flash_attention_2); null lets transformers choose."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: ~30% slower, far less activation memory."""
+    resize_embeddings: bool = False
+    """Grow the embedding (and head) to the tokenizer's vocabulary when it is larger (tokens added on
+    purpose); otherwise a tokenizer larger than the model's embedding is refused as a mismatch."""
     hidden_size: int = 128
     """Embedded model only: width."""
     num_layers: int = 4
