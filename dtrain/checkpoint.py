@@ -45,7 +45,6 @@ DS_TAG = "ds"
 DS_UNIVERSAL_TAG = (
     "ds_universal"  # DeepSpeed's universal checkpoint, converted from DS_TAG for a new world size
 )
-RUN_FILES = ("config.yaml", "run_info.json", "metrics.jsonl", "samples.jsonl", "checkpoints", "final", "logs")
 
 
 class CheckpointError(UserError):
@@ -66,6 +65,7 @@ class TrainState:
     last_eval_metric: float | None = None
     evals_without_improvement: int = 0
     skipped_steps: int = 0  # fp16 steps skipped by the grad scaler
+    empty_steps: int = 0  # steps whose window had no target token on any rank (skipped, see train.take_step)
     early_stopped: bool = False
 
     def state_dict(self) -> dict:
@@ -112,101 +112,6 @@ def verify(path: Path) -> str | None:
         if size != entry["bytes"]:
             return f"file '{entry['path']}' is {size} bytes, the marker says {entry['bytes']}"
     return None
-
-
-# --------------------------------------------------------------------------------------------
-# Where a run starts
-# --------------------------------------------------------------------------------------------
-
-
-def has_earlier_run(output_dir: Path) -> bool:
-    """Any of dtrain's files in output_dir (an empty directory holds nothing to lose)."""
-    for name in RUN_FILES:
-        path = output_dir / name
-        if path.is_dir() and not path.is_symlink():
-            if any(path.iterdir()):
-                return True
-        elif path.exists():
-            return True
-    return False
-
-
-@dataclass
-class ResumePlan:
-    path: Path | None  # the checkpoint to load; None = fresh start
-    corrupt: list[tuple[Path, str]]  # newer checkpoints skipped (auto), with the reason
-
-
-def resolve_resume(output_dir: Path, resume: str, overwrite: bool, config_yaml: str) -> ResumePlan:
-    """Decide where the run starts. Reads only; `prepare_output_dir` does the cleanup.
-
-    With `auto` and no complete checkpoint, the same run (identical config.yaml) restarted before its
-    first checkpoint starts again from step 0; any other earlier run in output_dir is refused."""
-    if resume not in ("auto", "never"):
-        path = Path(resume).expanduser()
-        if not (path / MARKER).is_file():
-            raise CheckpointError(
-                f"--checkpoint.resume: '{resume}' is not a complete dtrain checkpoint (no {MARKER})"
-            )
-        problem = verify(path)
-        if problem:
-            raise CheckpointError(f"--checkpoint.resume: checkpoint {path} is corrupt: {problem}")
-        return ResumePlan(path, [])
-    if overwrite:
-        return ResumePlan(None, [])
-    corrupt: list[tuple[Path, str]] = []
-    if resume == "auto":
-        for candidate in reversed(complete_checkpoints(output_dir / "checkpoints")):
-            problem = verify(candidate)
-            if problem is None:
-                return ResumePlan(candidate, corrupt)
-            corrupt.append((candidate, problem))
-    same_run = resume == "auto" and _read_text(output_dir / "config.yaml") == config_yaml
-    if has_earlier_run(output_dir) and not same_run:
-        how = "" if resume == "never" else " and no complete checkpoint to resume from"
-        raise UserError(
-            f"--output_dir {output_dir} holds an earlier run{how}; pass --overwrite_output_dir to start over, "
-            "or choose another --output_dir"
-        )
-    return ResumePlan(None, corrupt)
-
-
-def _read_text(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except OSError:
-        return None
-
-
-def prepare_output_dir(output_dir: Path, overwrite: bool, plan: ResumePlan) -> None:
-    """Main process only: start-over cleanup (only dtrain's own files), removal of unfinished checkpoints,
-    and corrupt ones set aside (renamed, never deleted: they may hold what a user wants to inspect)."""
-    if overwrite and plan.path is None:
-        for name in RUN_FILES:
-            target = output_dir / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-    for path, problem in plan.corrupt:
-        aside = path.with_name(CORRUPT_PREFIX + path.name)
-        print(
-            f"dtrain: checkpoint {path.name} is corrupt ({problem}); moved to {aside.name} and resuming from "
-            f"{plan.path.name if plan.path else 'scratch'}",
-            flush=True,
-        )
-        if aside.exists():
-            shutil.rmtree(aside)
-        os.replace(path, aside)
-    ckpt_root = output_dir / "checkpoints"
-    if ckpt_root.is_dir():
-        for p in ckpt_root.iterdir():
-            if p.name.startswith(TMP_PREFIX) or (
-                p.name.startswith(STEP_PREFIX) and not (p / MARKER).is_file()
-            ):
-                print(f"dtrain: removing incomplete checkpoint {p}", flush=True)
-                shutil.rmtree(p, ignore_errors=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,6 +312,25 @@ def retained(done: list[Path], keep_last: int, keep_every: int, best: Path | Non
     return keep
 
 
+def rotate(root: Path, keep_last: int, keep_every: int, best_metric: str | None) -> None:
+    """After a commit: point checkpoints/best at the best one (when tracked), delete what is not retained."""
+    done = complete_checkpoints(root)
+    best = best_checkpoint(done, best_metric) if best_metric else None
+    if best is not None:  # checkpoints/best -> step-...: replaced atomically
+        tmp_link = root / (BEST_LINK + ".tmp")
+        try:
+            if tmp_link.is_symlink() or tmp_link.exists():
+                tmp_link.unlink()
+            tmp_link.symlink_to(best.name)
+            os.replace(tmp_link, root / BEST_LINK)
+        except OSError:  # a filesystem without symlinks: the markers still say which one is best
+            pass
+    keep = retained(done, keep_last, keep_every, best)
+    for old in done:
+        if old not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def _why(error: BaseException | None, root: Path, previous: list[Path]) -> str:
     """The cause of a failed save in a few words. Writers often hide ENOSPC (torch.save reports a zip
     offset mismatch), so free space and write permission are checked directly."""
@@ -533,15 +457,21 @@ class Checkpointer:
         if final.exists():  # a leftover without a valid marker
             shutil.rmtree(final)
         os.replace(tmp, final)
-        s = self.state
-        marker = {
+        write_json_atomic(final / MARKER, self._marker(files))
+        _fsync_dir(self.root)
+        c = self.ckpt_cfg
+        rotate(self.root, c.keep_last, c.keep_every, self.metric if c.keep_best else None)
+
+    def _marker(self, files: list[dict]) -> dict:
+        acc, s = self.acc, self.state
+        return {
             "step": s.step,
             "format": "deepspeed" if self.deepspeed else "dcp",
-            "world_size": self.acc.num_processes,
-            "profile": profile_name(self.acc),
-            "distributed_type": self.acc.distributed_type.name,
-            "zero_stage": self.acc.state.deepspeed_plugin.zero_stage if self.deepspeed else None,
-            "mixed_precision": self.acc.mixed_precision,
+            "world_size": acc.num_processes,
+            "profile": profile_name(acc),
+            "distributed_type": acc.distributed_type.name,
+            "zero_stage": acc.state.deepspeed_plugin.zero_stage if self.deepspeed else None,
+            "mixed_precision": acc.mixed_precision,
             "global_batch": self.global_batch,
             "config_sha256": config_hash(self.config_yaml),
             "eval": {"metric": self.metric, "value": s.last_eval_metric}
@@ -550,28 +480,6 @@ class Checkpointer:
             "train_state": s.state_dict(),
             "files": files,
         }
-        write_json_atomic(final / MARKER, marker)
-        _fsync_dir(self.root)
-        self._retain()
-
-    # -- retention -----------------------------------------------------------------------------
-
-    def _retain(self) -> None:
-        done = complete_checkpoints(self.root)
-        best = best_checkpoint(done, self.metric) if self.ckpt_cfg.keep_best else None
-        if best is not None:  # checkpoints/best -> step-...: replaced atomically
-            tmp_link = self.root / (BEST_LINK + ".tmp")
-            try:
-                if tmp_link.is_symlink() or tmp_link.exists():
-                    tmp_link.unlink()
-                tmp_link.symlink_to(best.name)
-                os.replace(tmp_link, self.root / BEST_LINK)
-            except OSError:  # a filesystem without symlinks: the markers still say which one is best
-                pass
-        keep = retained(done, self.ckpt_cfg.keep_last, self.ckpt_cfg.keep_every, best)
-        for old in done:
-            if old not in keep:
-                shutil.rmtree(old, ignore_errors=True)
 
     # -- load ----------------------------------------------------------------------------------
 
@@ -614,12 +522,3 @@ class Checkpointer:
         if rng.is_file():  # absent when resuming on more processes than saved: only dropout is affected
             _set_rng_state(torch.load(rng, weights_only=False))  # our own file: numpy state needs pickle
         self.state.load_state_dict(json.loads((path / "train_state.json").read_text()))
-
-
-def export_final(accelerator, checkpoint: Path, out_dir: Path) -> None:
-    """`final/` is the export of the last checkpoint, by the same code as `dtrain export`."""
-    if accelerator.is_main_process:
-        from dtrain.export import export_checkpoint
-
-        export_checkpoint(checkpoint, out_dir, replace=True)
-    accelerator.wait_for_everyone()

@@ -8,7 +8,6 @@ by jsonargparse: `--config recipe.yaml`, then dotted overrides in either form
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import os
 import re
@@ -78,6 +77,8 @@ class DataConfig:
     """Column read by the text template."""
     messages_column: str = "messages"
     """Column read by the chat template (list of {role, content})."""
+    chat_template: str | None = None
+    """A Jinja chat template file used instead of the tokenizer's chat template (or when it has none)."""
     max_length: int = 128
     """Tokens per example; longer examples are truncated (and counted in the log), never dropped."""
     num_workers: int = 0
@@ -269,9 +270,29 @@ _UNKNOWN_PATTERNS = [
     re.compile(r"Key '([\w.\-]+)' is not expected"),
 ]
 
+_TYPE_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "NoneType": "null",
+    "str": "a string",
+    "list": "a list such as [a, b]",
+}
 
-def _explain_parse_error(message: str) -> str:
-    """Turn a jsonargparse error into one line that names the key and the closest valid one."""
+
+def _expected_value(detail: str) -> str | None:
+    """'Expected a <class 'int'>' / 'Expected a typing.Literal[...]' lines -> 'an integer or null'."""
+    wants = []
+    for m in re.finditer(r"Expected a (?:typing\.Literal\[(.*?)\]|<class '(\w+)'>)", detail):
+        if m.group(1) is not None:
+            wants.append("one of " + ", ".join(c.strip().strip("'\"") for c in m.group(1).split(",")))
+        else:
+            wants.append(_TYPE_WORDS.get(m.group(2), m.group(2)))
+    return " or ".join(dict.fromkeys(wants)) or None
+
+
+def _explain(message: str) -> tuple[str, str | None]:
+    """A jsonargparse error -> (one line naming the key and the fix, the dotted key or None)."""
     first = message.strip().splitlines()[0] if message.strip() else message
     for pattern in _UNKNOWN_PATTERNS:
         m = pattern.search(message)
@@ -287,13 +308,134 @@ def _explain_parse_error(message: str) -> str:
         hint = (
             f"; did you mean '{close[0]}'?" if close else f"; valid sections: {', '.join(_SECTION_CLASSES)}"
         )
-        return f"unknown config key '{key}'{hint}"
+        return f"unknown config key '{key}'{hint}", key
     m = re.search(r'Parser key "([\w.]+)":\s*(.*)', message, re.S)
     if m:
-        detail = " ".join(m.group(2).split())
-        detail = re.sub(r"<class '(\w+)'>", r"\1", detail)
-        return f"bad value for '{m.group(1)}': {detail[:300]}"
-    return " ".join(first.split())
+        key, detail = m.group(1), m.group(2)
+        given = re.search(r"(?:Given value|Got value): (.*)", detail)
+        wanted = _expected_value(detail)
+        if given and wanted:
+            return f"--{key}: got '{given.group(1).strip()}', expected {wanted}", key
+        detail = re.sub(r"<class '(\w+)'>", r"\1", " ".join(detail.split()))
+        return f"bad value for '{key}': {detail[:300]}", key
+    return " ".join(first.split()), None
+
+
+def _explain_parse_error(message: str) -> str:
+    """Turn a jsonargparse error into one line that names the key and the closest valid one."""
+    return _explain(message)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes (--config FILE) are read here first: jsonargparse would report a YAML problem without
+# the file or the line, and PyYAML silently keeps the last of two equal keys.
+# --------------------------------------------------------------------------------------------
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    files = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def _node_text(node) -> str:
+    if isinstance(node, yaml.ScalarNode):
+        return "empty" if node.tag.endswith(":null") else f"the value '{node.value}'"
+    return "a list" if isinstance(node, yaml.SequenceNode) else "a mapping"
+
+
+def check_recipe(path: str) -> dict[str, int]:
+    """Read a --config YAML recipe and refuse what would be misread, naming the file (and the line).
+
+    Returns the line of every dotted key in it (to name the file and line of a bad value later)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"--config: file '{path}' does not exist; give a YAML recipe (see dtrain/recipes/)")
+    if p.is_dir():
+        raise ConfigError(
+            f"--config: '{path}' is a directory; give a YAML recipe file (e.g. a run's config.yaml)"
+        )
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"--config {path}: cannot be read ({exc.strerror}); check its permissions"
+        ) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"--config {path} line {line}: not UTF-8 text; re-save the file as UTF-8") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        yaml.safe_load(text)  # what compose accepts but construction rejects (unknown tags...)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        opened = getattr(exc, "context_mark", None)
+        if mark is not None and opened is not None and mark.index >= len(text.rstrip()):
+            mark = opened  # the file ended inside a bracket or quote: name where it was opened
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or str(exc).splitlines()[0]).split())
+        context = getattr(exc, "context", None)
+        detail = f"{context}, {problem}" if context else problem
+        raise ConfigError(
+            f"--config {path}{where}: not valid YAML ({detail}); fix the syntax: a recipe maps sections to "
+            "indented keys, e.g. 'train:' then '  max_steps: 50'"
+        ) from None
+    if root is None:
+        raise ConfigError(
+            f"--config {path}: the file is empty; a recipe maps sections (model, data, train, ...) to their keys"
+        )
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError(
+            f"--config {path}: the top level is {_node_text(root)}, not a mapping; a recipe maps sections "
+            "(model, data, train, ...) to their keys, e.g. 'train:' then '  max_steps: 50'"
+        )
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
+            line = key_node.start_mark.line + 1
+            name = prefix + str(key)
+            if key in seen and key != "<<":
+                raise ConfigError(
+                    f"--config {path}: key '{name}' is given twice (lines {seen[key]} and {line}); YAML would "
+                    "silently keep the last one: delete one of them"
+                )
+            seen[key] = line
+            lines[name] = line
+            if not prefix and key in _SECTION_CLASSES and not isinstance(value_node, yaml.MappingNode):
+                raise ConfigError(
+                    f"--config {path} line {line}: section '{key}' is {_node_text(value_node)}; it must hold "
+                    f"{key}.* keys as indented 'name: value' lines under '{key}:' (or delete the line)"
+                )
+            if isinstance(value_node, yaml.MappingNode):
+                walk(value_node, name + ".")
+
+    walk(root, "")
+    return lines
+
+
+def _recipe_lines(argv: list[str]) -> dict[str, tuple[str, int]]:
+    """dotted key -> (recipe file, line), over every --config (later files win, as in parsing)."""
+    where: dict[str, tuple[str, int]] = {}
+    for path in _config_files(argv):
+        if not Path(path).expanduser().exists() and any(c in path for c in ":{\n"):
+            continue  # an inline YAML string (jsonargparse accepts those): left to the parser
+        for key, line in check_recipe(path).items():
+            where[key] = (path, line)
+    return where
+
+
+def _given_on_command_line(key: str, argv: list[str]) -> bool:
+    flag = f"--{key}"
+    return any(arg == flag or arg.startswith(flag + "=") for arg in argv)
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -306,15 +448,18 @@ def parse_config(argv: list[str] | None = None) -> Config:
     if "--print_config" in argv:
         argv.remove("--print_config")
         print_config = True
+    where = _recipe_lines(argv)
     parser = build_parser()
     try:
         ns = parser.parse_args(argv)
-    except argparse.ArgumentError as exc:
-        raise ConfigError(_explain_parse_error(str(exc))) from None
     except SystemExit:  # --help
         raise
-    except Exception as exc:  # a YAML file that does not parse, a missing --config file
-        raise ConfigError(_explain_parse_error(str(exc))) from None
+    except Exception as exc:  # argparse.ArgumentError and the rest: a bad key or value
+        message, key = _explain(str(exc))
+        if key is not None and key in where and not _given_on_command_line(key, argv):
+            path, line = where[key]
+            message = f"--config {path} line {line}: {message}"
+        raise ConfigError(message) from None
     cfg = Config(
         output_dir=ns.output_dir,
         overwrite_output_dir=ns.overwrite_output_dir,
@@ -429,6 +574,20 @@ def validate(cfg: Config) -> list[str]:
         p.append(
             f"--model.name_or_path: directory '{m.name_or_path}' does not exist; give a local model dir or a hub id"
         )
+    elif m.name_or_path and Path(m.name_or_path).expanduser().is_file():
+        p.append(
+            f"--model.name_or_path: '{m.name_or_path}' is a file; give the model directory (the one holding "
+            "config.json and the weights)"
+        )
+    elif (
+        m.name_or_path
+        and Path(m.name_or_path).expanduser().is_dir()
+        and not (Path(m.name_or_path).expanduser() / "config.json").is_file()
+    ):
+        p.append(
+            f"--model.name_or_path: directory '{m.name_or_path}' has no config.json, so it is not a Hugging "
+            "Face model directory; give the directory save_pretrained wrote (config.json and the weights)"
+        )
     if m.tokenizer and looks_local(m.tokenizer) and not Path(m.tokenizer).expanduser().exists():
         p.append(f"--model.tokenizer: '{m.tokenizer}' does not exist")
     for name, value in (("data.path", d.path), ("data.eval_path", d.eval_path)):
@@ -436,6 +595,20 @@ def validate(cfg: Config) -> list[str]:
             p.append(
                 f"--{name}: file '{value}' does not exist; give a json/jsonl/csv/parquet file, a saved dataset dir or a hub dataset name"
             )
+        elif value and Path(value).expanduser().is_file() and not value.lower().endswith(_DATA_SUFFIXES):
+            p.append(
+                f"--{name}: unsupported file type '{Path(value).suffix or Path(value).name}' ({value}); use a "
+                ".json, .jsonl, .csv or .parquet file, or a datasets save_to_disk directory"
+            )
+    if d.chat_template and not Path(d.chat_template).expanduser().is_file():
+        p.append(
+            f"--data.chat_template: file '{d.chat_template}' does not exist; give a Jinja chat template file"
+        )
+    out = Path(cfg.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        p.append(
+            f"--output_dir: '{cfg.output_dir}' is an existing file, not a directory; choose another --output_dir"
+        )
     if m.name_or_path is not None and d.path is None:
         p.append(
             "--data.path is required with --model.name_or_path (the embedded data needs the embedded tokenizer)"

@@ -16,12 +16,16 @@ from pathlib import Path
 import torch
 
 from dtrain.config import DataConfig, UserError, looks_local
-
-IGNORE_INDEX = -100  # label value that never counts in the loss
-
-# Alpaca layout without the long preamble (it would triple the sequence length of short tasks).
-ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+from dtrain.templates import (  # noqa: F401  (re-exported: the templates are part of the data API)
+    ALPACA_PROMPT,
+    ALPACA_PROMPT_NO_INPUT,
+    IGNORE_INDEX,
+    alpaca_prompt,
+    encode,
+    encode_batch,
+    generation_item,
+    has_target,
+)
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -114,101 +118,21 @@ def check_columns(ds, cfg: DataConfig, path: str, flag: str) -> None:
         )
 
 
-# --------------------------------------------------------------------------------------------
-# Templates -> (input_ids, labels). Prompt tokens are masked with IGNORE_INDEX.
-# --------------------------------------------------------------------------------------------
-
-
-def alpaca_prompt(row: dict) -> str:
-    if row.get("input") not in (None, ""):
-        return ALPACA_PROMPT.format(instruction=row["instruction"], input=row["input"])
-    return ALPACA_PROMPT_NO_INPUT.format(instruction=row["instruction"])
-
-
-def _chat_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Render a conversation; return the text and the character spans of assistant turns."""
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not full.startswith(upto):
-            raise UserError(
-                "the tokenizer's chat template does not render conversations prefix by prefix; "
-                "use --data.template text or a standard chat template"
-            )
-        spans.append((start, len(upto)))
-    return full, spans
-
-
-def encode_batch(batch: dict[str, list], tokenizer, cfg: DataConfig) -> dict[str, list]:
-    """Examples -> input_ids, labels, truncated flags (one tokenizer call per column, not per row).
-
-    Responses end with EOS so the model learns to stop.
-    """
-    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if cfg.template == "alpaca":
-        prompts = tokenizer([alpaca_prompt(r) for r in rows], add_special_tokens=True)["input_ids"]
-        answers = tokenizer([str(r["output"]) for r in rows], add_special_tokens=False)["input_ids"]
-        pairs = [
-            (p + a + eos, [IGNORE_INDEX] * len(p) + a + eos) for p, a in zip(prompts, answers, strict=True)
-        ]
-    elif cfg.template == "chat":
-        pairs = [_encode_chat(r[cfg.messages_column], tokenizer) for r in rows]
-    else:
-        texts = tokenizer([str(r[cfg.text_column]) for r in rows], add_special_tokens=True)["input_ids"]
-        pairs = [(t + eos, t + eos) for t in texts]
-    n = cfg.max_length
-    return {
-        "input_ids": [ids[:n] for ids, _ in pairs],
-        "labels": [labels[:n] for _, labels in pairs],
-        "truncated": [len(ids) > n for ids, _ in pairs],
-    }
-
-
-def _encode_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
-    text, spans = _chat_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = [
-        tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
-        for tok, (start, _) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
-    ]
-    return enc["input_ids"], labels
-
-
-def encode(row: dict, tokenizer, cfg: DataConfig) -> dict:
-    """One example (see `encode_batch`)."""
-    out = encode_batch({k: [v] for k, v in row.items()}, tokenizer, cfg)
-    return {k: v[0] for k, v in out.items()}
-
-
-def generation_item(row: dict, tokenizer, cfg: DataConfig) -> dict | None:
-    """Prompt ids and reference answer for the exact-match metric (None for plain text)."""
-    if cfg.template == "alpaca":
-        prompt = tokenizer(alpaca_prompt(row), add_special_tokens=True)["input_ids"]
-        reference = str(row["output"])
-    elif cfg.template == "chat":
-        messages = row[cfg.messages_column]
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if last is None:
-            return None
-        text = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
-        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
-        reference = messages[last]["content"]
-    else:
-        return None
-    return {"prompt_ids": prompt[-cfg.max_length :], "reference": reference, "task": row.get("task") or "all"}
-
-
 @dataclass
 class Data:
     train: object  # datasets.Dataset with input_ids, labels
     eval: object | None
     generate: list[dict] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    with_target: list[bool] | None = None  # per train example; None when every example has a target
+
+    def window_has_targets(self, order: DataOrder, start: int, size: int) -> bool:
+        """Whether the global window of `size` examples from data position `start` has any target
+        token. Known on every rank from the data order alone: no communication, no device sync."""
+        if self.with_target is None:
+            return True
+        return any(self.with_target[order.index(p)] for p in range(start, start + size))
 
 
 def tokenize(ds, tokenizer, cfg: DataConfig, what: str):
@@ -239,6 +163,7 @@ def build_data(
         raw_eval = None
     train, trunc, no_target = tokenize(raw, tokenizer, cfg, "train")
     stats = {"train_examples": len(train), "train_truncated": trunc, "train_without_target": no_target}
+    warnings = check_targets(len(train), no_target, cfg.max_length)
     evalset = None
     generate: list[dict] = []
     if raw_eval is not None:
@@ -248,7 +173,43 @@ def build_data(
             item = generation_item(row, tokenizer, cfg)
             if item is not None:
                 generate.append(item)
-    return Data(train=train, eval=evalset, generate=generate, stats=stats)
+    # which examples train something: a window of only target-free examples is skipped, not trained
+    with_target = [has_target(labels) for labels in train["labels"]] if no_target else None
+    return Data(train, evalset, generate, stats, warnings, with_target)
+
+
+def load_run_data(cfg, tokenizer, accelerator) -> Data:
+    """The user's data, or the embedded synthetic tasks written to <output_dir>/data/ first. The main
+    process tokenizes first; the others reuse its `datasets` cache."""
+    train_path, eval_path = cfg.data.path, cfg.data.eval_path
+    with accelerator.main_process_first():
+        if train_path is None:
+            from dtrain.tasks import write_synthetic_data
+
+            d = cfg.data
+            data_dir = Path(cfg.output_dir) / "data"
+            if accelerator.is_main_process:
+                write_synthetic_data(
+                    data_dir, d.synthetic_tasks, d.synthetic_train_examples, d.synthetic_eval_examples, cfg.train.seed
+                )
+            train_path, eval_path = str(data_dir / "train.jsonl"), str(data_dir / "eval.jsonl")
+        return build_data(cfg.data, tokenizer, train_path, eval_path, cfg.train.seed, cfg.eval.num_generate)
+
+
+def check_targets(examples: int, without: int, max_length: int) -> list[str]:
+    """Refuse data that trains nothing; warn about examples that train nothing."""
+    if without == examples:
+        raise UserError(
+            f"--data.max_length {max_length}: none of the {examples} train examples keeps a token to learn "
+            "(no response, or a response that starts beyond max_length); raise --data.max_length or check "
+            "that the data has responses"
+        )
+    if not without:
+        return []
+    return [
+        f"dtrain: warning: {without} of {examples} train examples ({without / examples:.1%}) have no token to "
+        f"learn after truncation to --data.max_length {max_length}; they are read but train nothing"
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,32 +238,38 @@ class Collator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-class GlobalBatchSampler(torch.utils.data.Sampler):
-    """This rank's micro-batches, from an endless stream of seeded per-epoch permutations.
+class DataOrder:
+    """Global sample position p -> example perm(epoch = p // N)[p % N], one seeded permutation per epoch."""
 
-    Global sample position p maps to example perm(epoch = p // N)[p % N]. Global micro-batch k
-    covers positions [start + k*B*W, start + (k+1)*B*W); rank r takes its r-th slice of B. So
-    the order depends only on (seed, position), never on how many processes read it.
-    """
-
-    def __init__(
-        self, num_examples: int, batch_size: int, rank: int, world_size: int, seed: int, start: int = 0
-    ):
-        self.n, self.batch_size, self.rank, self.world = num_examples, batch_size, rank, world_size
-        self.seed, self.start = seed, start
+    def __init__(self, num_examples: int, seed: int):
+        self.n, self.seed = num_examples, seed
         self._perm_epoch, self._perm = -1, None
 
-    def _index(self, position: int) -> int:
+    def index(self, position: int) -> int:
         epoch, offset = divmod(position, self.n)
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch
         return self._perm[offset]
 
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """This rank's micro-batches, from the endless `DataOrder` stream.
+
+    Global micro-batch k covers positions [start + k*B*W, start + (k+1)*B*W); rank r takes its r-th
+    slice of B. So the order depends only on (seed, position), never on how many processes read it.
+    """
+
+    def __init__(
+        self, num_examples: int, batch_size: int, rank: int, world_size: int, seed: int, start: int = 0
+    ):
+        self.batch_size, self.rank, self.world = batch_size, rank, world_size
+        self.order, self.start = DataOrder(num_examples, seed), start
+
     def __iter__(self):
         position = self.start + self.rank * self.batch_size
         while True:
-            yield [self._index(position + i) for i in range(self.batch_size)]
+            yield [self.order.index(position + i) for i in range(self.batch_size)]
             position += self.batch_size * self.world
 
 

@@ -6,17 +6,20 @@ Every rank runs the same number of forward passes (shards are padded), because s
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 
-from dtrain.data import Collator, eval_batches, rank_shard
+from dtrain.config import Config
+from dtrain.data import Collator, Data, eval_batches, rank_shard
 from dtrain.modeling import count_targets, token_loss_sum
 from dtrain.tasks import exact_match
 
 
 @torch.no_grad()
-def eval_loss(accelerator, model, dataset, batch_size: int, collator: Collator) -> float:
+def eval_loss(accelerator, model, dataset, batch_size: int, collator: Collator) -> float | None:
     sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for batch in eval_batches(
         dataset, batch_size, accelerator.process_index, accelerator.num_processes, collator
@@ -27,7 +30,7 @@ def eval_loss(accelerator, model, dataset, batch_size: int, collator: Collator) 
             [token_loss_sum(logits, batch["labels"]).double(), count_targets(batch["labels"]).double()]
         )
     loss_sum, targets = accelerator.reduce(sums, reduction="sum").tolist()
-    return loss_sum / max(targets, 1.0)
+    return loss_sum / targets if targets else None  # an eval set with nothing to score has no loss, not 0
 
 
 @torch.no_grad()
@@ -91,3 +94,56 @@ def generate_answers(
         for t, name in enumerate(tasks):
             scores[f"exact_match/{name}"] = totals[2 * t] / max(totals[2 * t + 1], 1.0)
     return scores, predictions
+
+
+def run_eval(
+    accelerator, model, tokenizer, data: Data, cfg: Config, collator: Collator, step: int
+) -> tuple[dict, list[dict]]:
+    """One eval row (eval_loss, eval_ppl, eval_exact_match...) and this rank's predictions."""
+    model.eval()
+    row: dict = {"step": step}
+    batch_size = cfg.eval.batch_size or cfg.train.per_device_batch_size
+    if data.eval is not None:
+        loss = eval_loss(accelerator, model, data.eval, batch_size, collator)
+        if loss is not None:
+            row["eval_loss"], row["eval_ppl"] = loss, math.exp(min(loss, 50.0))
+    predictions: list[dict] = []
+    if data.generate and cfg.eval.num_generate:
+        scores, predictions = generate_answers(
+            accelerator, model, tokenizer, data.generate, batch_size, cfg.eval.max_new_tokens
+        )
+        row.update({f"eval_{k}": v for k, v in scores.items()})
+    model.train()
+    return row, predictions
+
+
+def track_best(state, row: dict, metric: str, patience: int) -> bool:
+    """Update best/early-stopping state (a TrainState) from an eval row; True when training should stop."""
+    value = row.get(f"eval_{metric}")
+    if value is not None and math.isnan(value):
+        value = None
+    state.last_eval_step, state.last_eval_metric = row["step"], value
+    if value is None:
+        return False
+    better = state.best_metric is None or (
+        value < state.best_metric if metric == "loss" else value > state.best_metric
+    )
+    if better:
+        state.best_metric, state.best_step, state.evals_without_improvement = value, row["step"], 0
+    else:
+        state.evals_without_improvement += 1
+    row["best_" + metric] = state.best_metric
+    return bool(patience) and state.evals_without_improvement >= patience
+
+
+def report_samples(accelerator, out: Path, predictions: list[dict], n: int) -> None:
+    """samples.jsonl and the printed samples: a few greedy answers next to their references."""
+    if not accelerator.is_main_process or not predictions or not n:
+        return
+    with open(out / "samples.jsonl", "w") as fh:
+        for p in predictions[:n]:
+            fh.write(json.dumps(p) + "\n")
+            mark = "ok " if p["correct"] else "bad"
+            print(
+                f"[{mark}] {p['prompt']!r} -> {p['prediction']!r} (expected {p['reference']!r})", flush=True
+            )

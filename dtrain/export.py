@@ -140,6 +140,13 @@ def export_checkpoint(
     return ckpt
 
 
+def export_final(accelerator, checkpoint: Path, out_dir: Path) -> None:
+    """`final/` is the export of the last checkpoint, by the same code as `dtrain export`."""
+    if accelerator.is_main_process:
+        export_checkpoint(checkpoint, out_dir, replace=True)
+    accelerator.wait_for_everyone()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dtrain export", description=__doc__.split("\n\n")[0])
     parser.add_argument(

@@ -73,11 +73,11 @@ class MetricsLogger:
     ) -> dict:
         now = time.perf_counter()
         elapsed, self.last_time = now - self.last_time, now
-        loss = sums["loss_sum"] / max(sums["targets"], 1.0)
+        loss = sums["loss_sum"] / sums["targets"] if sums["targets"] else None  # nothing trained: no loss
         return {
             "step": step,
             "loss": loss,
-            "ppl": math.exp(min(loss, 50.0)),
+            "ppl": math.exp(min(loss, 50.0)) if loss is not None else None,
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": tokens_seen,

@@ -73,8 +73,8 @@ def build_model(cfg: ModelConfig, tokenizer, data: DataConfig, eval_cfg: EvalCon
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
         except Exception as exc:
             raise _load_error("name_or_path", cfg.name_or_path, exc) from None
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(tokenizer))
+        check_vocabulary(cfg, model, tokenizer)
+    check_max_length(cfg, model, data)
     gen = model.generation_config
     gen.do_sample, gen.max_new_tokens = False, eval_cfg.max_new_tokens
     gen.pad_token_id, gen.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -86,6 +86,50 @@ def build_model(cfg: ModelConfig, tokenizer, data: DataConfig, eval_cfg: EvalCon
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def check_vocabulary(cfg: ModelConfig, model, tokenizer) -> None:
+    """A tokenizer with more tokens than the model has embedding rows: ids past the end would index out
+    of range, so it is a mismatch (the wrong --model.tokenizer, or a tokenizer of another checkpoint)
+    unless tokens were added on purpose (--model.resize_embeddings, which grows embedding and head).
+    A smaller tokenizer is normal: checkpoints pad their embedding to a multiple of 64 or 128."""
+    vocab, rows = len(tokenizer), model.get_input_embeddings().num_embeddings  # an int even under ZeRO-3
+    if vocab <= rows:
+        return
+    if getattr(cfg, "resize_embeddings", False):
+        model.resize_token_embeddings(vocab)
+        return
+    source = (
+        f"--model.tokenizer '{cfg.tokenizer}'"
+        if cfg.tokenizer
+        else f"the tokenizer of --model.name_or_path '{cfg.name_or_path}'"
+    )
+    raise UserError(
+        f"{source} has {vocab} tokens but the model of --model.name_or_path '{cfg.name_or_path}' has "
+        f"{rows} embedding rows: a tokenizer/model mismatch; use the tokenizer saved with the model, or pass "
+        "--model.resize_embeddings true if the extra tokens were added on purpose"
+    )
+
+
+def max_positions(config) -> int | None:
+    """The model's fixed limit on sequence length (learned or rotary positions), None when it has none."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_max_length(cfg: ModelConfig, model, data: DataConfig) -> None:
+    """Examples longer than the model's positions fail mid-run (learned positions index out of range) or
+    train on positions the model never saw: refused before training."""
+    limit = max_positions(model.config)
+    if limit is not None and data.max_length > limit:
+        raise UserError(
+            f"--data.max_length {data.max_length} is larger than the {limit} positions of the model "
+            f"({type(model).__name__} from --model.name_or_path '{cfg.name_or_path}'); "
+            f"set --data.max_length {limit} or less"
+        )
 
 
 def count_parameters(model: torch.nn.Module) -> int:

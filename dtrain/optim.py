@@ -145,3 +145,19 @@ def optimizer_state_bytes(optimizer) -> dict[str, int]:
                 key = str(t.dtype).removeprefix("torch.")
                 by_dtype[key] = by_dtype.get(key, 0) + t.numel() * t.element_size()
     return by_dtype
+
+
+def optimizer_state_row(accelerator, optimizer, num_params: int) -> dict:
+    """Optimizer-state bytes per parameter over all ranks, logged once: 8 for fp32 Adam, ~2 for 8-bit."""
+    by_dtype = optimizer_state_bytes(optimizer)
+    dtypes = sorted(by_dtype)
+    totals = accelerator.gather_for_metrics([by_dtype], use_gather_object=True)
+    merged: dict[str, int] = {}
+    for part in totals:
+        for key, value in part.items():
+            merged[key] = merged.get(key, 0) + value
+    replicas = 1 if accelerator.distributed_type.name in ("DEEPSPEED", "FSDP") else accelerator.num_processes
+    return {
+        "optim_state_bytes_per_param": sum(merged.values()) / replicas / num_params if num_params else None,
+        "optim_state_dtypes": ",".join(sorted(set(dtypes) | set(merged))),
+    }

@@ -272,3 +272,79 @@ def run_info(accelerator, cfg: Config, argv: list[str], data_stats: dict, num_pa
         "environment": env,
         "config": flatten(cfg),
     }
+
+
+def fsdp_unit_classes(model) -> list[str]:
+    """Class names of the modules that are FSDP2 units (`fully_shard` was applied to them) in a prepared
+    model, sorted and unique; empty when the model is not FSDP-sharded. `fully_shard` swaps a module's class
+    for a generated `FSDP<Name>` subclass: the name reported is the model's own class (`LlamaDecoderLayer`)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return []
+    names = set()
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            own = next((c for c in type(module).__mro__ if not issubclass(c, FSDPModule)), type(module))
+            names.add(own.__name__)
+    return sorted(names)
+
+
+def check_fsdp_wrapping(accelerator, model) -> None:
+    """Refuse an FSDP launch whose transformer-based wrap would find no layer class to wrap.
+
+    Accelerate 1.15 (fsdp_utils.fsdp2_prepare_auto_wrap_policy, FullyShardedDataParallelPlugin.
+    set_auto_wrap_policy) takes the class names from fsdp_transformer_layer_cls_to_wrap, or when that is
+    unset from the model's `_no_split_modules`; with neither it wraps nothing but the root (plus the
+    embedding and head), silently: one unit gathered whole on every rank, no memory saved over DDP. A
+    class name the model does not contain fails inside `prepare` with a ValueError: refused here first."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    plugin = accelerator.state.fsdp_plugin
+    policy = getattr(plugin, "auto_wrap_policy", None)
+    policy = getattr(policy, "func", policy)  # a functools.partial once Accelerate has bound the classes
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    if policy is not transformer_auto_wrap_policy:
+        return
+    model_class = type(model).__name__
+    names = plugin.transformer_cls_names_to_wrap
+    if names is not None:
+        names = [n.strip() for n in names if n.strip()]
+    if names is None:
+        names = list(getattr(model, "_no_split_modules", None) or [])
+        if not names:
+            raise UserError(
+                f"FSDP: {model_class} has no _no_split_modules, so the transformer-based wrap of the fsdp profile "
+                "would shard the whole model as one unit; set fsdp_transformer_layer_cls_to_wrap to its decoder "
+                "layer class in the profile YAML (or env FSDP_TRANSFORMER_CLS_TO_WRAP), or use a ZeRO profile"
+            )
+    present = {type(m).__name__ for m in model.modules()}
+    missing = [n for n in names if n not in present]
+    if missing or not names:
+        layers = sorted(n for n in present if re.search(r"(Layer|Block)$", n))
+        raise UserError(
+            f"FSDP: fsdp_transformer_layer_cls_to_wrap names {', '.join(missing) or 'no class'}, which "
+            f"{model_class} does not contain (its layer-like classes: {', '.join(layers) or 'none'}); fix it in "
+            "the profile YAML (or env FSDP_TRANSFORMER_CLS_TO_WRAP), or use a ZeRO profile"
+        )
+
+
+def count_sharded(model) -> str:
+    """How many parameter tensors are DTensors (FSDP2 shards): proof that sharding really happened."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    return f"{sum(isinstance(p, DTensor) for p in params)}/{len(params)}"
+
+
+def quiet_other_ranks(accelerator) -> None:
+    """One copy of library warnings and progress bars, from the main process."""
+    if not accelerator.is_local_main_process:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.logging.set_verbosity_error()

@@ -155,16 +155,67 @@ def test_text_template_trains_on_every_token(tok):
     assert generation_item({"body": "x"}, tok, DataConfig(template="text", text_column="body")) is None
 
 
-@pytest.mark.parametrize("template", ["alpaca", "text"])
-def test_truncation_sets_flag_and_cuts_to_max_length(tok, template):
-    row = {"instruction": "Copy.", "input": "x", "output": "y" * 200, "text": "z" * 200}
-    long = encode(row, tok, DataConfig(template=template, max_length=40))
-    assert long["truncated"] is True
-    assert len(long["input_ids"]) == len(long["labels"]) == 40
-    full = encode(row, tok, DataConfig(template=template, max_length=10_000))
-    assert full["truncated"] is False
-    assert long["input_ids"] == full["input_ids"][:40]
-    assert long["labels"] == full["labels"][:40]
+def test_text_truncation_cuts_the_end(tok):
+    row = {"text": "z" * 200}
+    long = encode(row, tok, DataConfig(template="text", max_length=40))
+    full = encode(row, tok, DataConfig(template="text", max_length=10_000))
+    assert long["truncated"] is True and full["truncated"] is False
+    assert long["input_ids"] == full["input_ids"][:40] and long["labels"] == full["labels"][:40]
+
+
+def test_alpaca_truncation_keeps_the_response_and_the_end_of_the_instruction(tok):
+    row = {"instruction": "A" * 100 + " then the last words", "output": "ANSWER"}
+    enc = encode(row, tok, DataConfig(template="alpaca", max_length=60))
+    assert enc["truncated"] is True and len(enc["input_ids"]) == 60
+    assert tok.decode(trained(enc)) == "ANSWER" + tok.eos_token  # every target token survives
+    text = tok.decode(enc["input_ids"], skip_special_tokens=True)
+    assert text.startswith("### Instruction:\n")  # the marker before the dropped content stays
+    assert text.endswith("the last words\n\n### Response:\nANSWER")
+    assert "A" * 100 not in text  # the start of the instruction went first
+
+
+def test_alpaca_truncation_drops_the_instruction_before_the_input_end(tok):
+    row = {"instruction": "I" * 30, "input": "J" * 30 + "end of input", "output": "OUT"}
+    enc = encode(row, tok, DataConfig(template="alpaca", max_length=70))
+    text = tok.decode(enc["input_ids"], skip_special_tokens=True)
+    assert "I" not in text.replace("### Instruction", "").replace("### Input", "")
+    assert text.endswith("end of input\n\n### Response:\nOUT") and "### Instruction:\n" in text
+    assert tok.decode(trained(enc)) == "OUT" + tok.eos_token
+
+
+def test_alpaca_response_longer_than_the_budget_is_cut_at_its_end(tok):
+    row = {"instruction": "Copy.", "input": "x", "output": "y" * 200}
+    enc = encode(row, tok, DataConfig(template="alpaca", max_length=40))
+    assert len(enc["input_ids"]) == 40
+    text = tok.decode(enc["input_ids"], skip_special_tokens=True)
+    assert text.endswith("### Response:\n" + "y" * (40 - 20))  # at most half the budget for markers
+    assert "Copy." not in text and "x" not in text  # content goes before any response token
+    assert len(trained(enc)) == 20
+
+
+def test_prompt_markers_go_from_the_start_when_content_is_not_enough(tok):
+    row = {"instruction": "ab", "output": "RESPONSE"}
+    full = encode(row, tok, DataConfig(template="alpaca", max_length=1000))
+    n = len(full["input_ids"]) - 4  # more than the 2 content tokens must go
+    enc = encode(row, tok, DataConfig(template="alpaca", max_length=n))
+    assert len(enc["input_ids"]) == n
+    assert enc["input_ids"][-10:] == full["input_ids"][-10:]
+    assert tok.decode(trained(enc)) == "RESPONSE" + tok.eos_token
+
+
+def test_chat_truncation_drops_old_turns_first_and_keeps_the_last_reply(tok):
+    conv = [
+        {"role": "user", "content": "OLD" * 20},
+        {"role": "assistant", "content": "old reply"},
+        {"role": "user", "content": "new question"},
+        {"role": "assistant", "content": "NEW REPLY"},
+    ]
+    full = encode({"messages": conv}, tok, DataConfig(template="chat", max_length=1000))
+    enc = encode({"messages": conv}, tok, DataConfig(template="chat", max_length=len(full["input_ids"]) - 50))
+    text = tok.decode(enc["input_ids"])
+    assert text.endswith("<|user|>new question\n<|assistant|>NEW REPLY" + tok.eos_token)
+    assert "OLD" * 5 not in text and text.count("<|user|>") == 2  # content went, markers stayed
+    assert "NEW REPLY" + tok.eos_token in tok.decode(trained(enc))
 
 
 def test_exactly_max_length_is_not_truncated(tok):

@@ -261,3 +261,42 @@ def test_tensorboard_tracker_gets_the_same_numbers(tmp_path):
     assert logged.keys() == {1, 2, 3}
     for row in train_rows(out):
         assert logged[row["step"]] == pytest.approx(row["loss"], rel=1e-6)
+
+
+def test_windows_without_a_target_token_are_skipped_and_counted(tmp_path, tiny_model_dir):
+    """Chat rows without an assistant turn train nothing: they are warned about, a step whose whole
+    window is such rows makes no update and is counted (never logged as loss 0), and an eval set with
+    nothing to score has no eval loss."""
+    from dtrain.data import DataOrder
+
+    reply = {"messages": [{"role": "user", "content": "say yes"}, {"role": "assistant", "content": "yes"}]}
+    silent = {"messages": [{"role": "user", "content": "no answer here"}]}
+    rows = [reply, silent, reply, silent, silent, reply]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    eval_data = tmp_path / "eval.jsonl"
+    eval_data.write_text(json.dumps(silent) + "\n")
+    out = tmp_path / "run"
+    steps = 12
+    proc = run_train(["--model.name_or_path", str(tiny_model_dir), "--data.path", str(data),
+                      "--data.eval_path", str(eval_data), "--output_dir", str(out), "--log.every_steps", "1",
+                      "--train.max_steps", str(steps), "--train.per_device_batch_size", "1",
+                      "--eval.steps", "0", "--eval.num_generate", "0", "--checkpoint.save_steps", "0",
+                      "--log.progress_bar", "false"])  # fmt: skip
+    assert_ok(proc)
+    assert "3 of 6 train examples (50.0%) have no token to learn" in proc.stdout
+    order = DataOrder(len(rows), 42)
+    empty = [step for step in range(1, steps + 1) if rows[order.index(step - 1)] is silent]
+    assert 0 < len(empty) < steps
+    logged = {r["step"]: r for r in train_rows(out)}
+    for step in range(1, steps + 1):
+        row = logged[step]
+        if step in empty:  # no forward, no update: no loss and no gradient norm
+            assert row["loss"] is None and row["ppl"] is None and row["grad_norm"] is None
+        else:
+            assert row["loss"] > 0
+        assert row.get("empty_steps", 0) == sum(1 for s in empty if s <= step)
+    final_eval = [r for r in read_metrics(out) if r["step"] == steps and "loss" not in r][0]
+    assert "eval_loss" not in final_eval and "eval_ppl" not in final_eval
+    state = json.loads((out / "checkpoints" / f"step-{steps:08d}" / "train_state.json").read_text())
+    assert state["empty_steps"] == len(empty)
