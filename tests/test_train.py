@@ -300,3 +300,23 @@ def test_windows_without_a_target_token_are_skipped_and_counted(tmp_path, tiny_m
     assert "eval_loss" not in final_eval and "eval_ppl" not in final_eval
     state = json.loads((out / "checkpoints" / f"step-{steps:08d}" / "train_state.json").read_text())
     assert state["empty_steps"] == len(empty)
+
+
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [
+        (1, (False, False, False)),
+        (5, (True, False, False)),  # log.every_steps
+        (6, (True, True, False)),  # eval.steps: an eval step is always logged
+        (8, (True, False, True)),  # checkpoint.save_steps
+        (24, (True, True, True)),
+        (30, (True, False, False)),  # the last step: its eval and save are the final ones, not periodic
+    ],
+)
+def test_step_plan(step, expected):
+    from dtrain.config import parse_config
+    from dtrain.train import StepPlan
+
+    cfg = parse_config(["--log.every_steps", "5", "--eval.steps", "6", "--checkpoint.save_steps", "8"])
+    plan = StepPlan.at(step, cfg, max_steps=30)
+    assert (plan.log, plan.eval, plan.save) == expected
