@@ -30,7 +30,7 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
         seen.add(id(p))
         # A tied head is the input embedding: it keeps the base lr (changing it would move both).
         is_head = id(p) in head_ids and id(p) not in input_ids_
-        decay = p.ndim >= 2
+        decay = len(getattr(p, "ds_shape", p.shape)) >= 2  # ZeRO-3 partitions are flat: ds_shape is the real one
         groups.setdefault((is_head, decay), []).append(p)
     out = []
     for (is_head, decay), params in sorted(groups.items()):

@@ -94,6 +94,20 @@ def test_param_groups_biases_are_not_decayed():
         assert group_of(groups, p)["weight_decay"] == expected, name
 
 
+def test_param_groups_read_the_real_shape_of_zero3_partitions():
+    """Under ZeRO-3 `zero.Init` every parameter is a flat 1-D partition and its real shape is `ds_shape`
+    (DeepSpeed's attribute, set here by hand: a real partition needs a DeepSpeed process group; the
+    architecture matrix trains real ones). Matrices must still be decayed, biases and norms not."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    for p in model.parameters():
+        p.ds_shape = p.shape
+        p.data = p.data.reshape(-1)  # what a partition looks like locally
+    groups = param_groups(model, OptimConfig(weight_decay=0.5))
+    assert group_of(groups, model[0].weight)["weight_decay"] == 0.5
+    for p in (model[0].bias, model[1].weight, model[1].bias):
+        assert group_of(groups, p)["weight_decay"] == 0.0
+
+
 def test_tied_head_keeps_base_lr(tok):
     model = tiny_model(tok)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
