@@ -93,9 +93,10 @@ def load_profile(name_or_path: str) -> Profile:
 
 
 def preflight(
-    profile: Profile, cfg: Config, gpus: int, cpu: bool, gpus_present: int, bf16_ok: bool
+    profile: Profile, cfg: Config, gpus: int, cpu: bool, gpus_present: int, bf16_ok: bool, nodes: int = 1
 ) -> list[str]:
-    """Every reason the launch would fail or silently do the wrong thing, found before any process starts."""
+    """Every reason the launch would fail or silently do the wrong thing, found before any process starts.
+    `gpus` is processes per node."""
     problems: list[str] = []
     opt = cfg.optim.name
     if opt in BNB_OPTIMIZERS and profile.kind == "fsdp":
@@ -137,6 +138,13 @@ def preflight(
         problems.append(
             f"profile {profile.name} runs one process; pick ddp, fsdp or a zero profile for --gpus {gpus}"
         )
+    if profile.kind == "single" and nodes > 1:
+        problems.append(
+            f"profile {profile.name} runs one process on one machine; pick ddp, fsdp or a zero profile for "
+            f"--nodes {nodes}"
+        )
+    if profile.kind == "deepspeed":
+        problems += deepspeed_conflicts(profile, cfg, gpus * nodes)
     needs = {"deepspeed": ("deepspeed", "deepspeed")}.get(profile.kind)
     if needs and importlib.util.find_spec(needs[0]) is None:
         problems.append(f"profile {profile.name} needs DeepSpeed: pip install 'dtrain[{needs[1]}]'")
@@ -144,6 +152,53 @@ def preflight(
         problems.append(f"--optim.name {opt} needs bitsandbytes: pip install 'dtrain[bnb]'")
     if opt == "adamw_8bit_ao" and importlib.util.find_spec("torchao") is None:
         problems.append(f"--optim.name {opt} needs torchao: pip install 'dtrain[torchao]'")
+    return problems
+
+
+def deepspeed_conflicts(profile: Profile, cfg: Config, processes: int) -> list[str]:
+    """Values the DeepSpeed JSON fixes that contradict the training flags (else found only inside the
+    ranks, after start-up), and sections that would fight dtrain's own optimizer and schedule."""
+    ds, name, t = profile.ds_config, profile.ds_config_path, cfg.train
+    problems = []
+    fixed = {
+        "train_micro_batch_size_per_gpu": ("train.per_device_batch_size", t.per_device_batch_size),
+        "gradient_accumulation_steps": ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+        "gradient_clipping": ("train.max_grad_norm", t.max_grad_norm),
+    }
+    for key, (flag, value) in fixed.items():
+        current = ds.get(key, "auto")
+        if current != "auto" and current != value:
+            problems.append(
+                f'{name} sets {key}={current} but --{flag} is {value}; set it to "auto" in the JSON (dtrain '
+                f"fills it from --{flag}) or pass --{flag} {current}"
+            )
+    total = ds.get("train_batch_size", "auto")
+    global_batch = t.per_device_batch_size * t.gradient_accumulation_steps * processes
+    if total != "auto" and total != global_batch:
+        problems.append(
+            f"{name} sets train_batch_size={total} but --train.per_device_batch_size x "
+            f"--train.gradient_accumulation_steps x {processes} processes = {global_batch}; set it to "
+            '"auto" in the JSON'
+        )
+    precision = t.mixed_precision
+    for key in ("bf16", "fp16"):
+        enabled = (ds.get(key) or {}).get("enabled", "auto")
+        if precision is not None and enabled is True and precision != key:
+            problems.append(
+                f'{name} enables {key} but --train.mixed_precision is {precision}; set {key}.enabled to "auto" '
+                "in the JSON"
+            )
+        if enabled is False and precision == key:
+            problems.append(
+                f'{name} disables {key} but --train.mixed_precision is {key}; set {key}.enabled to "auto" in '
+                "the JSON"
+            )
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            problems.append(
+                f'{name} has an "{section}" section, but dtrain builds its own {section} from --optim.*; '
+                "delete that section"
+            )
     return problems
 
 
@@ -243,7 +298,7 @@ def launch(args: argparse.Namespace, train_args: list[str]) -> int:
         raise UserError(f"--node-rank must be in [0, --nodes) (got {args.node_rank} of {args.nodes})")
     if args.nodes > 1 and not args.main_address:
         raise UserError("--nodes > 1 needs --main-address HOST[:PORT] of the head node")
-    problems = preflight(profile, cfg, gpus, args.cpu, present, bf16_ok)
+    problems = preflight(profile, cfg, gpus, args.cpu, present, bf16_ok, nodes=args.nodes)
     if problems:
         raise UserError("; ".join(problems))
     cmd, env = build_command(
@@ -257,7 +312,10 @@ def launch(args: argparse.Namespace, train_args: list[str]) -> int:
 
 
 def run(cmd: list[str], env: dict[str, str]) -> int:
-    """Run the launcher; forward SIGINT/SIGTERM to it and return its exit code."""
+    """Run the launcher; forward SIGINT/SIGTERM to it and return its exit code. The printed `accelerate
+    launch` command runs through `dtrain.launch_accelerate`: the same launcher, but a failed rank ends the
+    job with that rank's exit code and one line, not the launcher's traceback."""
+    cmd = ["dtrain.launch_accelerate" if part == "accelerate.commands.launch" else part for part in cmd]
     child = subprocess.Popen(cmd, env=env)
 
     def forward(signum, _frame):

@@ -18,12 +18,33 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def _load_error(what: str, name: str, exc: Exception) -> UserError:
     reason = " ".join(str(exc).split())[:300]
+    path = Path(name).expanduser()
     hint = (
         ""
-        if Path(name).expanduser().exists()
+        if path.exists()
         else " (not a local directory; no hub access? set HF_HUB_OFFLINE=1 and use a local copy)"
     )
+    broken = _unreadable_weights(path) if path.is_dir() else None
+    if broken:
+        return UserError(
+            f"--model.{what}: weights file {broken} is truncated or corrupt ({reason}); copy or save the model "
+            "again (save_pretrained), then rerun"
+        )
     return UserError(f"--model.{what}: could not load '{name}'{hint}: {reason}")
+
+
+def _unreadable_weights(model_dir: Path) -> Path | None:
+    """The first safetensors file in a model directory whose header or size does not hold up."""
+    from safetensors import safe_open
+
+    for f in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():  # noqa: SIM118 (a safetensors handle is not iterable); reading every tensor finds a short file
+                    fh.get_tensor(key)
+        except Exception:
+            return f
+    return None
 
 
 def build_tokenizer(cfg: ModelConfig):
@@ -111,24 +132,31 @@ def check_vocabulary(cfg: ModelConfig, model, tokenizer) -> None:
     )
 
 
-def max_positions(config) -> int | None:
-    """The model's fixed limit on sequence length (learned or rotary positions), None when it has none."""
+def position_limit(config) -> tuple[str, int] | None:
+    """(config field, value) of the model's fixed limit on sequence length, None when it has none. GPT-2's
+    n_positions answers to max_position_embeddings too (transformers' attribute_map)."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+            return key, value
     return None
+
+
+def max_positions(config) -> int | None:
+    limit = position_limit(config)
+    return limit[1] if limit else None
 
 
 def check_max_length(cfg: ModelConfig, model, data: DataConfig) -> None:
     """Examples longer than the model's positions fail mid-run (learned positions index out of range) or
     train on positions the model never saw: refused before training."""
-    limit = max_positions(model.config)
-    if limit is not None and data.max_length > limit:
+    limit = position_limit(model.config)
+    if limit is not None and data.max_length > limit[1]:
+        key, value = limit
         raise UserError(
-            f"--data.max_length {data.max_length} is larger than the {limit} positions of the model "
+            f"--data.max_length {data.max_length} is larger than the model's {key} {value} "
             f"({type(model).__name__} from --model.name_or_path '{cfg.name_or_path}'); "
-            f"set --data.max_length {limit} or less"
+            f"set --data.max_length {value} or less"
         )
 
 

@@ -30,7 +30,8 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
         seen.add(id(p))
         # A tied head is the input embedding: it keeps the base lr (changing it would move both).
         is_head = id(p) in head_ids and id(p) not in input_ids_
-        decay = len(getattr(p, "ds_shape", p.shape)) >= 2  # ZeRO-3 partitions are flat: ds_shape is the real one
+        # ZeRO-3 partitions are flat 1-D tensors: ds_shape is the real shape
+        decay = len(getattr(p, "ds_shape", p.shape)) >= 2
         groups.setdefault((is_head, decay), []).append(p)
     out = []
     for (is_head, decay), params in sorted(groups.items()):

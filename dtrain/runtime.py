@@ -7,6 +7,7 @@ import importlib.util
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 from importlib import metadata
@@ -52,7 +53,96 @@ def build_accelerator(cfg: Config):
     configure_deepspeed(accelerator, cfg)
     check_world(accelerator)
     check_optimizer_support(accelerator, cfg)
+    check_launch_request(accelerator)
     return accelerator
+
+
+def check_launch_request(accelerator) -> None:
+    """Refuse `accelerate launch --num_processes N` (N > 1) that started ONE process, which trains alone.
+
+    Without --multi_gpu (or a multi-process launch config) Accelerate 1.15's simple launcher
+    (accelerate/commands/launch.py `simple_launcher`, utils/launch.py `prepare_simple_launcher_cmd_env`)
+    runs the script once, with no WORLD_SIZE or RANK; its traces are ACCELERATE_MIXED_PRECISION (always
+    set) and MASTER_ADDR/MASTER_PORT (set only when more than one process or machine was asked for). The
+    number asked for is in no variable: it is read from the launcher's command line, our parent process
+    (/proc, Linux), through Accelerate's own argument parser, else from its --config_file."""
+    if accelerator.num_processes != 1 or "WORLD_SIZE" in os.environ or "RANK" in os.environ:
+        return
+    if "ACCELERATE_MIXED_PRECISION" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return
+    wanted = _launcher_num_processes(os.getppid())
+    if not wanted or wanted <= 1:
+        return
+    script = sys.argv[0] or "dtrain/train.py"
+    args = shlex.join(sys.argv[1:])
+    tail = f" {args}" if args else ""
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"accelerate launch asked for {wanted} processes but started one (no --multi_gpu), which would "
+            f"train the whole job alone; on CPU run `dtrain launch ddp --cpu --gpus {wanted} --{tail}` or "
+            f"`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {wanted} {script}{tail}`"
+        )
+    visible = torch.cuda.device_count()
+    if visible < 2:
+        raise UserError(
+            f"accelerate launch asked for {wanted} processes but {visible} GPU is visible, so it started one, "
+            f"which would train the whole job alone; on one GPU run `python {script}{tail}` (or check "
+            "CUDA_VISIBLE_DEVICES)"
+        )
+    n = min(wanted, visible)
+    raise UserError(
+        f"accelerate launch asked for {wanted} processes but started one (no --multi_gpu, {visible} GPUs "
+        f"visible), which would train the whole job alone; run `dtrain launch ddp --gpus {n} --{tail}` or "
+        f"`accelerate launch --multi_gpu --num_processes {n} {script}{tail}`"
+    )
+
+
+def _launcher_num_processes(pid: int) -> int | None:
+    """--num_processes of the `accelerate launch` process `pid` (or its config file's), else None."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:  # not Linux, or the parent is gone
+        return None
+    argv = [a for a in argv if a]
+    names = [os.path.basename(a) for a in argv]
+    if "accelerate.commands.launch" in argv:
+        rest = argv[argv.index("accelerate.commands.launch") + 1 :]
+    elif "dtrain.launch_accelerate" in argv:
+        rest = argv[argv.index("dtrain.launch_accelerate") + 1 :]
+    elif "accelerate-launch" in names:
+        rest = argv[names.index("accelerate-launch") + 1 :]
+    elif "accelerate" in names and argv[names.index("accelerate") + 1 :][:1] == ["launch"]:
+        rest = argv[names.index("accelerate") + 2 :]
+    elif "accelerate.commands.accelerate_cli" in argv and "launch" in argv:
+        rest = argv[argv.index("launch") + 1 :]
+    else:
+        return None
+    import contextlib
+    import io
+
+    try:
+        from accelerate.commands.launch import launch_command_parser
+
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = launch_command_parser().parse_args(rest)
+    except BaseException:  # SystemExit from argparse: a command line this Accelerate does not read
+        return None
+    if args.num_processes is not None:
+        return args.num_processes
+    config_file = args.config_file
+    if config_file is None:
+        from accelerate.commands.config import default_config_file
+
+        config_file = default_config_file if os.path.isfile(default_config_file) else None
+    if config_file is None:
+        return None
+    try:
+        import yaml
+
+        settings = yaml.safe_load(Path(config_file).read_text()) or {}
+        return int(settings.get("num_processes") or 0) or None
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
+        return None
 
 
 # Accelerate versions whose internals `enable_fsdp_on_cpu` was written and tested against.

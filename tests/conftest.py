@@ -169,3 +169,75 @@ def tiny_llama(tokenizer, num_layers: int = 2):
     torch.manual_seed(0)
     shape = ModelConfig(hidden_size=32, num_layers=num_layers, num_heads=2, intermediate_size=64)
     return build_model(shape, tokenizer, DataConfig(), EvalConfig())
+
+
+# --------------------------------------------------------------------------------------------
+# Users' own pretrained directories: tiny random models of several families, each saved with
+# save_pretrained next to a tokenizer and loaded back by path (no download).
+# --------------------------------------------------------------------------------------------
+
+EOS = "<|endoftext|>"
+
+
+def bpe_tokenizer(texts: list[str], pad: bool, vocab_size: int = 300):
+    """A real byte-level BPE tokenizer (GPT-2's scheme) trained locally on `texts`. pad=False leaves it
+    without a pad token, as GPT-2 ships; pad=True adds a distinct '<pad>' token."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    specials = [EOS, "<pad>"] if pad else [EOS]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=1, special_tokens=specials, show_progress=False
+    )
+    extra = {"pad_token": "<pad>"} if pad else {}
+    tok = GPT2TokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS, **extra
+    )
+    assert (tok.pad_token is not None) == pad
+    return tok
+
+
+def tiny_config(family: str, tokenizer, vocab_size: int | None = None, max_positions: int = 256):
+    """A 2-layer, 32-wide config of `family` (llama, qwen2, gpt2, gpt_neox). The vocabulary is the
+    tokenizer's rounded up to a multiple of 64, as real checkpoints pad it."""
+    import transformers
+
+    vocab = vocab_size or -(-len(tokenizer) // 64) * 64
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if family == "llama":  # untied head, grouped-query attention
+        return transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1,
+                                        max_position_embeddings=max_positions, tie_word_embeddings=False, **ids)  # fmt: skip
+    if family == "qwen2":  # tied head, attention biases
+        return transformers.Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1,
+                                        max_position_embeddings=max_positions, tie_word_embeddings=True, **ids)  # fmt: skip
+    if family == "gpt2":
+        # tied head, learned absolute positions (a hard limit: n_positions). Dropout off: GPT-2's default 0.1
+        # draws other masks on 2 ranks than on 1 process, so profiles could not be compared
+        return transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=max_positions,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+                                       **ids)  # fmt: skip
+    if family == "gpt_neox":  # decoder layer class GPTNeoXLayer, untied head, partial rotary
+        return transformers.GPTNeoXConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, max_position_embeddings=max_positions,
+                                          tie_word_embeddings=False, **ids)  # fmt: skip
+    raise ValueError(family)
+
+
+def save_pretrained_dir(path: Path, family: str, tokenizer, seed: int = 0, **config_kwargs) -> Path:
+    """A model of `family` with random weights from torch seed `seed`, saved with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family, tokenizer, **config_kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -201,3 +201,83 @@ def test_multi_node_command(capsys):
     assert cmd[cmd.index("--machine_rank") + 1] == "1"
     assert cmd[cmd.index("--main_process_ip") + 1] == "10.1.2.3"
     assert cmd[cmd.index("--main_process_port") + 1] == "29555"
+
+
+def _zero2_with(**ds_values) -> launch.Profile:
+    """The zero2 profile with its DeepSpeed JSON changed in memory (preflight is a pure function)."""
+    profile = launch.load_profile("zero2")
+    profile.ds_config = {**profile.ds_config, **ds_values}
+    return profile
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "flag", "flag_value"),
+    [
+        ("train_micro_batch_size_per_gpu", 4, "--train.per_device_batch_size", "8"),
+        ("gradient_accumulation_steps", 2, "--train.gradient_accumulation_steps", "1"),
+        ("gradient_clipping", 0.5, "--train.max_grad_norm", "1.0"),
+    ],
+)
+def test_deepspeed_json_that_contradicts_a_training_flag(key, value, flag, flag_value):
+    cfg = parse_config([flag, flag_value])
+    problems = launch.preflight(
+        _zero2_with(**{key: value}), cfg, gpus=2, cpu=True, gpus_present=0, bf16_ok=False
+    )
+    assert len(problems) == 1, problems
+    assert f"{key}={value}" in problems[0] and flag in problems[0] and '"auto"' in problems[0]
+    # the same value on both sides is no contradiction
+    same = parse_config([flag, str(value)])
+    assert (
+        launch.preflight(_zero2_with(**{key: value}), same, gpus=2, cpu=True, gpus_present=0, bf16_ok=False)
+        == []
+    )
+
+
+def test_deepspeed_fixed_global_batch_is_checked_against_processes_and_nodes():
+    cfg = parse_config(["--train.per_device_batch_size", "4", "--train.gradient_accumulation_steps", "2"])
+    profile = _zero2_with(train_batch_size=16)  # 4 x 2 x 2 processes
+    assert launch.preflight(profile, cfg, gpus=2, cpu=True, gpus_present=0, bf16_ok=False) == []
+    problems = launch.preflight(profile, cfg, gpus=2, cpu=True, gpus_present=0, bf16_ok=False, nodes=2)
+    assert len(problems) == 1 and "train_batch_size=16" in problems[0] and "= 32" in problems[0]
+
+
+def test_deepspeed_precision_and_optimizer_sections_that_contradict_dtrain():
+    cfg = parse_config(["--train.mixed_precision", "no"])
+    profile = _zero2_with(bf16={"enabled": True}, optimizer={"type": "AdamW"}, scheduler={"type": "WarmupLR"})
+    problems = launch.preflight(profile, cfg, gpus=2, cpu=True, gpus_present=0, bf16_ok=False)
+    assert any("enables bf16" in p and "--train.mixed_precision is no" in p for p in problems)
+    assert any('"optimizer" section' in p and "--optim" in p for p in problems)
+    assert any('"scheduler" section' in p for p in problems)
+    # without --train.mixed_precision the JSON decides the precision: no contradiction
+    assert not any("bf16" in p for p in launch.preflight(_zero2_with(bf16={"enabled": True}), parse_config([]),
+                                                         gpus=2, cpu=True, gpus_present=0, bf16_ok=False))  # fmt: skip
+
+
+def test_single_gpu_profile_on_several_nodes(capsys):
+    cfg = parse_config([])
+    problems = launch.preflight(
+        launch.load_profile("single_gpu"), cfg, gpus=1, cpu=True, gpus_present=0, bf16_ok=False, nodes=2
+    )
+    assert len(problems) == 1 and "--nodes 2" in problems[0] and "one machine" in problems[0]
+    line = _refused(capsys, "single_gpu", "--cpu", "--gpus", "1", "--nodes", "2", "--main-address", "10.0.0.1",
+                    "--dry-run")  # fmt: skip
+    assert "--nodes 2" in line and "ddp" in line
+
+
+def test_deepspeed_json_contradiction_is_refused_before_launch(capsys, tmp_path):
+    ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    ds["train_micro_batch_size_per_gpu"] = 4
+    (tmp_path / "zero2.json").write_text(json.dumps(ds))
+    prof = yaml.safe_load((REPO / "accelerate_configs" / "zero2.yaml").read_text())
+    prof["deepspeed_config"]["deepspeed_config_file"] = str(tmp_path / "zero2.json")
+    (tmp_path / "custom.yaml").write_text(yaml.safe_dump(prof))
+    line = _refused(
+        capsys,
+        str(tmp_path / "custom.yaml"),
+        "--cpu",
+        "--dry-run",
+        "--",
+        "--train.per_device_batch_size",
+        "8",
+    )
+    assert "train_micro_batch_size_per_gpu=4" in line and "--train.per_device_batch_size" in line

@@ -210,8 +210,10 @@ def test_launch_propagates_a_training_failure(tmp_path):
         "ddp",
         [*TINY, "--output_dir", str(tmp_path / "o"), "--data.path", str(data), "--data.template", "alpaca"],
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # the rank's own exit code (a user error), not the launcher's 1
     assert "dtrain: error: --data.path" in proc.stderr and "'instruction'" in proc.stderr
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr  # no launcher traceback
+    assert "dtrain launch: rank " in proc.stderr and "exited with code 2" in proc.stderr
 
 
 def test_launch_forwards_sigterm(tmp_path):
