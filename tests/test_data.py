@@ -1,30 +1,22 @@
-"""dtrain.data: loading, templates with prompt masking, truncation, collation, sampling, eval sharding."""
+"""dtrain.data: tokenizing a dataset (counts, targets), collation, the global order and sampler, eval sharding."""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import datasets
-import pandas as pd
 import pytest
 import torch
 
-from dtrain.config import DataConfig, UserError
+from dtrain.config import DataConfig
 from dtrain.data import (
-    ALPACA_PROMPT,
-    ALPACA_PROMPT_NO_INPUT,
     IGNORE_INDEX,
     Collator,
     GlobalBatchSampler,
     alpaca_prompt,
     build_data,
-    check_columns,
-    encode,
     eval_batches,
-    generation_item,
-    load_table,
     rank_shard,
     tokenize,
 )
@@ -60,170 +52,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# Templates
+# Tokenizing a dataset
 # --------------------------------------------------------------------------------------------
-
-
-def test_alpaca_masks_exactly_the_prompt(tok):
-    row = ROWS[0]
-    enc = encode(row, tok, DataConfig(template="alpaca"))
-    ids, labels = enc["input_ids"], enc["labels"]
-    assert len(ids) == len(labels)
-    assert enc["truncated"] is False
-    prompt_ids = tok(alpaca_prompt(row), add_special_tokens=True)["input_ids"]
-    n = len(prompt_ids)
-    assert ids[:n] == prompt_ids
-    assert labels[:n] == [IGNORE_INDEX] * n  # every prompt token masked
-    assert all(t != IGNORE_INDEX for t in labels[n:])  # nothing after it masked
-    assert labels[n:] == ids[n:]  # targets are the input tokens themselves
-    assert tok.decode(trained(enc)) == row["output"] + tok.eos_token
-    assert labels[-1] == tok.eos_token_id
-    assert tok.decode(ids, skip_special_tokens=True) == ALPACA_PROMPT.format(**row) + row["output"]
-
-
-@pytest.mark.parametrize(
-    "row",
-    [{"instruction": "Say hi.", "output": "hi"}, {"instruction": "Say hi.", "input": "", "output": "hi"}],
-)
-def test_alpaca_without_input_uses_no_input_prompt(tok, row):
-    assert alpaca_prompt(row) == ALPACA_PROMPT_NO_INPUT.format(instruction="Say hi.")
-    enc = encode(row, tok, DataConfig(template="alpaca"))
-    text = tok.decode(enc["input_ids"], skip_special_tokens=True)
-    assert "### Input:" not in text
-    assert text == "### Instruction:\nSay hi.\n\n### Response:\nhi"
-    assert tok.decode(trained(enc)) == "hi" + tok.eos_token
-
-
-def test_alpaca_numeric_output_is_stringified(tok):
-    enc = encode(
-        {"instruction": "Add the numbers.", "input": "2+3", "output": 5}, tok, DataConfig(template="alpaca")
-    )
-    assert tok.decode(trained(enc)) == "5" + tok.eos_token
-
-
-def test_chat_trains_only_on_assistant_turns(tok):
-    cfg = DataConfig(template="chat")
-    enc = encode({"messages": CONVERSATION}, tok, cfg)
-    ids, labels = enc["input_ids"], enc["labels"]
-    assert len(ids) == len(labels)
-    full = tok.apply_chat_template(CONVERSATION, tokenize=False)
-    assert tok.decode(ids) == full
-    target_text = tok.decode(trained(enc))
-    for turn in ("FIRST REPLY", "SECOND REPLY"):
-        assert turn + tok.eos_token in target_text
-    for text in ("SYSTEMTEXT", "hello there", "again please", "<|user|>", "<|assistant|>", "<|system|>"):
-        assert text not in target_text
-    # unmasked tokens are exactly where they are in the input, in two separate runs (one per reply)
-    assert all(lab in (IGNORE_INDEX, tid) for lab, tid in zip(labels, ids, strict=True))
-    runs, current = [], []
-    for lab in [*labels, IGNORE_INDEX]:
-        if lab != IGNORE_INDEX:
-            current.append(lab)
-        elif current:
-            runs.append(tok.decode(current))
-            current = []
-    assert len(runs) == 2
-    for run, reply in zip(runs, ("FIRST REPLY", "SECOND REPLY"), strict=True):
-        # the reply and its EOS, at most followed by the template's separator whitespace
-        assert re.fullmatch(re.escape(reply + tok.eos_token) + r"\s*", run), run
-
-
-def test_chat_single_turn_target_starts_at_the_reply(tok):
-    messages = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
-    enc = encode({"conv": messages}, tok, DataConfig(template="chat", messages_column="conv"))
-    prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
-    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
-    assert enc["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
-    assert tok.decode(enc["labels"][n_prompt : n_prompt + 5]) == "pong" + tok.eos_token
-
-
-def test_chat_generation_item_prompts_for_the_last_reply(tok):
-    item = generation_item({"messages": CONVERSATION}, tok, DataConfig(template="chat"))
-    assert item["reference"] == "SECOND REPLY"
-    prompt = tok.decode(item["prompt_ids"])
-    assert prompt.endswith("again please\n<|assistant|>")
-    assert "SECOND REPLY" not in prompt
-
-
-def test_text_template_trains_on_every_token(tok):
-    enc = encode({"body": "plain text, all trained"}, tok, DataConfig(template="text", text_column="body"))
-    assert enc["labels"] == enc["input_ids"]
-    assert IGNORE_INDEX not in enc["labels"]
-    assert enc["input_ids"][0] == tok.bos_token_id
-    assert enc["input_ids"][-1] == tok.eos_token_id
-    assert tok.decode(enc["input_ids"], skip_special_tokens=True) == "plain text, all trained"
-    assert generation_item({"body": "x"}, tok, DataConfig(template="text", text_column="body")) is None
-
-
-def test_text_truncation_cuts_the_end(tok):
-    row = {"text": "z" * 200}
-    long = encode(row, tok, DataConfig(template="text", max_length=40))
-    full = encode(row, tok, DataConfig(template="text", max_length=10_000))
-    assert long["truncated"] is True and full["truncated"] is False
-    assert long["input_ids"] == full["input_ids"][:40] and long["labels"] == full["labels"][:40]
-
-
-def test_alpaca_truncation_keeps_the_response_and_the_end_of_the_instruction(tok):
-    row = {"instruction": "A" * 100 + " then the last words", "output": "ANSWER"}
-    enc = encode(row, tok, DataConfig(template="alpaca", max_length=60))
-    assert enc["truncated"] is True and len(enc["input_ids"]) == 60
-    assert tok.decode(trained(enc)) == "ANSWER" + tok.eos_token  # every target token survives
-    text = tok.decode(enc["input_ids"], skip_special_tokens=True)
-    assert text.startswith("### Instruction:\n")  # the marker before the dropped content stays
-    assert text.endswith("the last words\n\n### Response:\nANSWER")
-    assert "A" * 100 not in text  # the start of the instruction went first
-
-
-def test_alpaca_truncation_drops_the_instruction_before_the_input_end(tok):
-    row = {"instruction": "I" * 30, "input": "J" * 30 + "end of input", "output": "OUT"}
-    enc = encode(row, tok, DataConfig(template="alpaca", max_length=70))
-    text = tok.decode(enc["input_ids"], skip_special_tokens=True)
-    assert "I" not in text.replace("### Instruction", "").replace("### Input", "")
-    assert text.endswith("end of input\n\n### Response:\nOUT") and "### Instruction:\n" in text
-    assert tok.decode(trained(enc)) == "OUT" + tok.eos_token
-
-
-def test_alpaca_response_longer_than_the_budget_is_cut_at_its_end(tok):
-    row = {"instruction": "Copy.", "input": "x", "output": "y" * 200}
-    enc = encode(row, tok, DataConfig(template="alpaca", max_length=40))
-    assert len(enc["input_ids"]) == 40
-    text = tok.decode(enc["input_ids"], skip_special_tokens=True)
-    assert text.endswith("### Response:\n" + "y" * (40 - 20))  # at most half the budget for markers
-    assert "Copy." not in text and "x" not in text  # content goes before any response token
-    assert len(trained(enc)) == 20
-
-
-def test_prompt_markers_go_from_the_start_when_content_is_not_enough(tok):
-    row = {"instruction": "ab", "output": "RESPONSE"}
-    full = encode(row, tok, DataConfig(template="alpaca", max_length=1000))
-    n = len(full["input_ids"]) - 4  # more than the 2 content tokens must go
-    enc = encode(row, tok, DataConfig(template="alpaca", max_length=n))
-    assert len(enc["input_ids"]) == n
-    assert enc["input_ids"][-10:] == full["input_ids"][-10:]
-    assert tok.decode(trained(enc)) == "RESPONSE" + tok.eos_token
-
-
-def test_chat_truncation_drops_old_turns_first_and_keeps_the_last_reply(tok):
-    conv = [
-        {"role": "user", "content": "OLD" * 20},
-        {"role": "assistant", "content": "old reply"},
-        {"role": "user", "content": "new question"},
-        {"role": "assistant", "content": "NEW REPLY"},
-    ]
-    full = encode({"messages": conv}, tok, DataConfig(template="chat", max_length=1000))
-    enc = encode({"messages": conv}, tok, DataConfig(template="chat", max_length=len(full["input_ids"]) - 50))
-    text = tok.decode(enc["input_ids"])
-    assert text.endswith("<|user|>new question\n<|assistant|>NEW REPLY" + tok.eos_token)
-    assert "OLD" * 5 not in text and text.count("<|user|>") == 2  # content went, markers stayed
-    assert "NEW REPLY" + tok.eos_token in tok.decode(trained(enc))
-
-
-def test_exactly_max_length_is_not_truncated(tok):
-    n = len(encode({"text": "abcdef"}, tok, DataConfig(template="text"))["input_ids"])
-    enc = encode({"text": "abcdef"}, tok, DataConfig(template="text", max_length=n))
-    assert enc["truncated"] is False and len(enc["input_ids"]) == n
-    enc = encode({"text": "abcdef"}, tok, DataConfig(template="text", max_length=n - 1))
-    assert enc["truncated"] is True and len(enc["input_ids"]) == n - 1
 
 
 def test_tokenize_counts_truncated_and_keeps_every_row(tok):
@@ -328,149 +158,6 @@ def test_collator_width_ignores_max_length(tok):
     out, _, _ = tokenize(ds, tok, DataConfig(template="text", max_length=128), "x")
     batch = Collator(pad_id=tok.pad_token_id)([out[0], out[1]])
     assert batch["input_ids"].shape[1] == len(out[1]["input_ids"]) == 6  # <s> a b c d </s>
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
-
-
-def _write(fmt: str, directory: Path, rows: list[dict]) -> Path:
-    df = pd.DataFrame(rows)
-    if fmt == "json":
-        path = directory / "data.json"
-        df.to_json(path, orient="records")
-    elif fmt == "jsonl":
-        path = directory / "data.jsonl"
-        df.to_json(path, orient="records", lines=True)
-    elif fmt == "csv":
-        path = directory / "data.csv"
-        df.to_csv(path, index=False)
-    elif fmt == "parquet":
-        path = directory / "data.parquet"
-        df.to_parquet(path)
-    else:
-        path = directory / "saved"
-        datasets.Dataset.from_dict(df.to_dict(orient="list")).save_to_disk(str(path))
-    return path
-
-
-@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv", "parquet", "saved"])
-def test_load_table_formats(tmp_path, fmt):
-    path = _write(fmt, tmp_path, ROWS)
-    ds = load_table(str(path), "train", "data.path")
-    assert isinstance(ds, datasets.Dataset)
-    assert len(ds) == len(ROWS)
-    assert sorted(ds.column_names) == ["input", "instruction", "output"]
-    assert [dict(r) for r in ds] == ROWS
-
-
-def test_load_table_saved_dataset_dict_picks_split(tmp_path):
-    dd = datasets.DatasetDict(
-        {"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS[:1])}
-    )
-    dd.save_to_disk(str(tmp_path / "dd"))
-    assert len(load_table(str(tmp_path / "dd"), "train", "data.path")) == 3
-    assert len(load_table(str(tmp_path / "dd"), "test", "data.path")) == 1
-    with pytest.raises(UserError, match="no split 'validation'"):
-        load_table(str(tmp_path / "dd"), "validation", "data.path")
-
-
-def test_load_table_missing_file(tmp_path):
-    path = tmp_path / "nope.jsonl"
-    with pytest.raises(UserError) as info:
-        load_table(str(path), "train", "data.eval_path")
-    assert "--data.eval_path" in str(info.value)
-    assert str(path) in str(info.value)
-
-
-def test_load_table_unsupported_extension(tmp_path):
-    path = tmp_path / "data.txt"
-    path.write_text("instruction,output\na,b\n")
-    with pytest.raises(UserError) as info:
-        load_table(str(path), "train", "data.path")
-    assert "--data.path" in str(info.value)
-    assert "'.txt'" in str(info.value)
-
-
-def test_load_table_unparseable_file_is_a_user_error(tmp_path):
-    path = tmp_path / "bad.json"
-    path.write_text("{not json")
-    with pytest.raises(UserError, match="--data.path: could not load"):
-        load_table(str(path), "train", "data.path")
-
-
-def test_load_table_empty_saved_dataset_has_no_rows(tmp_path):
-    empty = datasets.Dataset.from_list(ROWS).filter(lambda _: False)
-    empty.save_to_disk(str(tmp_path / "empty"))
-    with pytest.raises(UserError) as info:
-        load_table(str(tmp_path / "empty"), "train", "data.path")
-    assert "no rows" in str(info.value)
-    assert "--data.path" in str(info.value)
-
-
-@pytest.mark.parametrize("content", ["", "\n  \n"])
-def test_load_table_blank_file_has_no_rows(tmp_path, content):
-    path = tmp_path / "empty.jsonl"
-    path.write_text(content)
-    with pytest.raises(UserError) as info:
-        load_table(str(path), "train", "data.path")
-    assert "no rows" in str(info.value)
-    assert "--data.path" in str(info.value)
-
-
-def _empty_json_list(d: Path) -> Path:
-    (d / "empty.json").write_text("[]")
-    return d / "empty.json"
-
-
-def _header_only_csv(d: Path) -> Path:
-    (d / "empty.csv").write_text("instruction,input,output\n")
-    return d / "empty.csv"
-
-
-def _empty_parquet(d: Path) -> Path:
-    pd.DataFrame({"instruction": pd.Series([], dtype=str), "output": pd.Series([], dtype=str)}).to_parquet(
-        d / "empty.parquet"
-    )
-    return d / "empty.parquet"
-
-
-def _empty_saved_from_dict(d: Path) -> Path:
-    datasets.Dataset.from_dict({"instruction": [], "output": []}).save_to_disk(str(d / "saved"))
-    return d / "saved"
-
-
-@pytest.mark.parametrize("make", [_empty_json_list, _header_only_csv, _empty_parquet, _empty_saved_from_dict])
-def test_load_table_zero_row_file_has_no_rows(tmp_path, make):
-    path = make(tmp_path)
-    with pytest.raises(UserError) as info:
-        load_table(str(path), "train", "data.path")
-    assert "no rows" in str(info.value)
-
-
-def test_check_columns_names_missing_column_and_template(tmp_path):
-    ds = datasets.Dataset.from_list([{"instruction": "a", "input": "b"}])
-    with pytest.raises(UserError) as info:
-        check_columns(ds, DataConfig(template="alpaca"), "train.jsonl", "data.path")
-    message = str(info.value)
-    assert "'output'" in message
-    assert "alpaca" in message
-    assert "--data.path" in message
-    assert "'instruction'" not in message.split("(it has")[0]  # only the missing one is listed as missing
-
-    with pytest.raises(UserError) as info:
-        check_columns(ds, DataConfig(template="chat", messages_column="conv"), "x", "data.eval_path")
-    assert "'conv'" in str(info.value) and "chat" in str(info.value) and "--data.eval_path" in str(info.value)
-
-    with pytest.raises(UserError) as info:
-        check_columns(ds, DataConfig(template="text"), "x", "data.path")
-    assert "'text'" in str(info.value) and "template text" in str(info.value)
-
-
-def test_check_columns_accepts_matching_columns():
-    ds = datasets.Dataset.from_list([{"instruction": "a", "output": "b"}])
-    assert check_columns(ds, DataConfig(template="alpaca"), "x", "data.path") is None  # does not raise
 
 
 # --------------------------------------------------------------------------------------------
