@@ -59,8 +59,9 @@ def build_tokenizer(cfg: ModelConfig):
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:
         raise _load_error("tokenizer" if cfg.tokenizer else "name_or_path", name, exc) from None
-    if tok.pad_token is None:  # common for base models; pad rows never count (labels are -100 there)
-        tok.pad_token = tok.eos_token or tok.unk_token
+    if tok.pad_token is None:  # common for base models. Padding is found by position, never by id (labels
+        # are -100 there and batches are right-padded), so any token serves: EOS, else UNK, else token 0
+        tok.pad_token = tok.eos_token or tok.unk_token or tok.convert_ids_to_tokens(0)
     return tok
 
 
@@ -117,7 +118,7 @@ def check_vocabulary(cfg: ModelConfig, model, tokenizer) -> None:
     vocab, rows = len(tokenizer), model.get_input_embeddings().num_embeddings  # an int even under ZeRO-3
     if vocab <= rows:
         return
-    if getattr(cfg, "resize_embeddings", False):
+    if cfg.resize_embeddings:
         model.resize_token_embeddings(vocab)
         return
     source = (

@@ -25,16 +25,26 @@ ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 Span = tuple[int, int]  # [start, end) in characters
 
 
+def text_of(value) -> str:
+    """A cell as text: numbers as written, a null as nothing (never the string "None")."""
+    return "" if value is None else str(value)
+
+
+def _messages(messages) -> list[dict]:
+    """Chat messages with null contents as empty strings (a template would render them as "None")."""
+    return [{**m, "content": text_of(m.get("content"))} for m in messages or []]
+
+
 def alpaca_prompt(row: dict) -> str:
     return alpaca_prompt_spans(row)[0]
 
 
 def alpaca_prompt_spans(row: dict) -> tuple[str, list[Span]]:
     """The rendered alpaca prompt and the character spans of its content (instruction, input)."""
-    fields = {"instruction": str(row["instruction"])}
+    fields = {"instruction": text_of(row["instruction"])}
     template = ALPACA_PROMPT_NO_INPUT
     if row.get("input") not in (None, ""):
-        fields["input"] = str(row["input"])
+        fields["input"] = text_of(row["input"])
         template = ALPACA_PROMPT
     text, spans, rest = "", [], template
     while "{" in rest:  # literal markers and {field}s, in order
@@ -112,13 +122,14 @@ def _encode_alpaca(rows: list[dict], tokenizer) -> list[tuple]:
     texts = [text for text, _ in rendered]
     fast = getattr(tokenizer, "is_fast", False)
     enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=fast)
-    answers = tokenizer([str(r["output"]) for r in rows], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([text_of(r["output"]) for r in rows], add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = []
     for i, (p, a) in enumerate(zip(enc["input_ids"], answers, strict=True)):
         spans = rendered[i][1]
         content = [_in_spans(o, spans) for o in enc["offset_mapping"][i]] if fast else [False] * len(p)
-        out.append((p + a + eos, [IGNORE_INDEX] * len(p) + a + eos, content, len(p)))
+        reply = [] if rows[i]["output"] is None else a + eos  # a missing output trains nothing, not "None"
+        out.append((p + reply, [IGNORE_INDEX] * len(p) + reply, content, len(p)))
     return out
 
 
@@ -140,11 +151,12 @@ def encode_batch(batch: dict[str, list], tokenizer, cfg: DataConfig) -> dict[str
     if cfg.template == "alpaca":
         encoded = _encode_alpaca(rows, tokenizer)
     elif cfg.template == "chat":
-        encoded = [_encode_chat(r[cfg.messages_column], tokenizer) for r in rows]
+        encoded = [_encode_chat(_messages(r[cfg.messages_column]), tokenizer) for r in rows]
     else:
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        texts = tokenizer([str(r[cfg.text_column]) for r in rows], add_special_tokens=True)["input_ids"]
-        encoded = [(t + eos, t + eos, [], 0) for t in texts]
+        texts = tokenizer([text_of(r[cfg.text_column]) for r in rows], add_special_tokens=True)["input_ids"]
+        missing = [r[cfg.text_column] is None for r in rows]  # a null row trains nothing, not "None"
+        encoded = [(t, [IGNORE_INDEX] * len(t), [], 0) if m else (t + eos, t + eos, [], 0) for t, m in zip(texts, missing, strict=True)]  # fmt: skip
     out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": []}
     for ids, labels, content, response_start in encoded:
         fitted_ids, fitted_labels = fit(ids, labels, content, response_start, cfg.max_length)
@@ -164,9 +176,9 @@ def generation_item(row: dict, tokenizer, cfg: DataConfig) -> dict | None:
     """Prompt ids and reference answer for the exact-match metric (None for plain text)."""
     if cfg.template == "alpaca":
         prompt = tokenizer(alpaca_prompt(row), add_special_tokens=True)["input_ids"]
-        reference = str(row["output"])
+        reference = text_of(row["output"])
     elif cfg.template == "chat":
-        messages = row[cfg.messages_column]
+        messages = _messages(row[cfg.messages_column])
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last is None:
             return None

@@ -202,3 +202,14 @@ def test_exactly_max_length_is_not_truncated(tok):
     assert enc["truncated"] is False and len(enc["input_ids"]) == n
     enc = encode({"text": "abcdef"}, tok, DataConfig(template="text", max_length=n - 1))
     assert enc["truncated"] is True and len(enc["input_ids"]) == n - 1
+
+
+def test_nulls_are_nothing_to_learn_never_the_string_none(tok):
+    alpaca = encode({"instruction": "Say it.", "input": None, "output": None}, tok, DataConfig(template="alpaca"))
+    assert trained(alpaca) == [] and "None" not in tok.decode(alpaca["input_ids"])
+    text = encode({"text": None}, tok, DataConfig(template="text"))
+    assert trained(text) == [] and "None" not in tok.decode(text["input_ids"])
+    conv = [{"role": "system", "content": None}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"}]  # fmt: skip
+    chat = encode({"messages": conv}, tok, DataConfig(template="chat"))
+    assert "None" not in tok.decode(chat["input_ids"]) and tok.decode(trained(chat)) == "yo" + tok.eos_token
