@@ -240,11 +240,17 @@ def check_world(accelerator) -> None:
             os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true"
             and accelerator.distributed_type != wanted
         ):
-            hint = (
-                " (ACCELERATE_USE_CPU=1 disables DeepSpeed: on CPU launch DeepSpeed profiles without it)"
-                if kind == "DEEPSPEED"
-                else ""
-            )
+            if kind == "DEEPSPEED":
+                hint = (
+                    " (ACCELERATE_USE_CPU=1 disables DeepSpeed: on CPU launch DeepSpeed profiles without it)"
+                )
+            elif not torch.cuda.is_available():
+                hint = (
+                    "; no CUDA GPU is visible: rehearse FSDP on CPU with `dtrain launch fsdp --cpu --gpus N`, or "
+                    "prefix the accelerate launch with ACCELERATE_USE_CPU=1"
+                )
+            else:
+                hint = ""
             raise UserError(
                 f"the launch config asks for {kind} but Accelerate set up {accelerator.distributed_type}{hint}"
             )
