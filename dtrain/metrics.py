@@ -46,6 +46,7 @@ class MetricsLogger:
         self.path = output_dir / "metrics.jsonl"
         self.last_time = time.perf_counter()
         self.bar = None
+        self.shown: dict = {}
         if self.main and progress_bar:
             from tqdm.auto import tqdm
 
@@ -94,15 +95,15 @@ class MetricsLogger:
         if self.main:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
-            if self.bar is not None:
-                shown = {
-                    k: row[k]
-                    for k in ("loss", "lr", "tokens_per_sec", "eval_loss", "eval_exact_match")
-                    if row.get(k) is not None
-                }
-                self.bar.set_postfix(
-                    {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()}, refresh=False
+            if self.bar is not None:  # the latest of each (an eval row keeps the last train loss shown)
+                self.shown.update(
+                    {
+                        k: f"{row[k]:.3g}" if isinstance(row[k], float) else row[k]
+                        for k in ("loss", "lr", "tokens_per_sec", "eval_loss", "eval_exact_match")
+                        if row.get(k) is not None
+                    }
                 )
+                self.bar.set_postfix(self.shown, refresh=False)
         self.accelerator.log(
             {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"]
         )
