@@ -205,7 +205,9 @@ def test_exactly_max_length_is_not_truncated(tok):
 
 
 def test_nulls_are_nothing_to_learn_never_the_string_none(tok):
-    alpaca = encode({"instruction": "Say it.", "input": None, "output": None}, tok, DataConfig(template="alpaca"))
+    alpaca = encode(
+        {"instruction": "Say it.", "input": None, "output": None}, tok, DataConfig(template="alpaca")
+    )
     assert trained(alpaca) == [] and "None" not in tok.decode(alpaca["input_ids"])
     text = encode({"text": None}, tok, DataConfig(template="text"))
     assert trained(text) == [] and "None" not in tok.decode(text["input_ids"])
