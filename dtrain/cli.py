@@ -10,6 +10,7 @@ commands:
   train    run the training script (same flags as `python dtrain/train.py`; --help lists them)
   launch   check a launch profile and run `accelerate launch` with it (dtrain launch --help)
   export   turn a checkpoint of any profile into a Hugging Face model directory (dtrain export --help)
+  slurm    submit a launch profile as a Slurm job with launch/slurm/*.sbatch (dtrain slurm --help)
 """
 
 
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         from dtrain.launch import main as launch_main
 
         return launch_main(rest)
+    if command == "slurm":
+        from dtrain.slurm import main as slurm_main
+
+        return slurm_main(rest)
     if command == "export":
         from dtrain.export import main as export_main
 

@@ -30,6 +30,7 @@ PROFILE_DIR = REPO / "accelerate_configs"
 TRAIN_SCRIPT = REPO / "dtrain" / "train.py"
 BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
 DEFAULT_PORT = 29500
+SHUTDOWN_TIMEOUT_S = 120  # how long torchrun waits for the ranks to save and exit after a signal
 
 
 @dataclass
@@ -224,6 +225,12 @@ def build_command(
         str(nodes),
     ]
     env: dict[str, str] = {"DTRAIN_PROFILE": profile.name}  # recorded in every checkpoint's marker
+    # torchrun passes only TERM, INT, HUP and QUIT on to the ranks, and SIGKILLs them 30 s after: pass the
+    # USR signals too (Slurm's --signal) and leave a stop on request time to commit its checkpoint.
+    env["PET_SIGNALS_TO_HANDLE"] = os.environ.get(
+        "PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
+    )
+    env["PET_SHUTDOWN_TIMEOUT"] = os.environ.get("PET_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
     if profile.ds_config_path is not None:  # absolute, so the launch works from any directory
         cmd += ["--deepspeed_config_file", str(profile.ds_config_path)]
     if nodes > 1:
@@ -316,12 +323,14 @@ def run(cmd: list[str], env: dict[str, str]) -> int:
     launch` command runs through `dtrain.launch_accelerate`: the same launcher, but a failed rank ends the
     job with that rank's exit code and one line, not the launcher's traceback."""
     cmd = ["dtrain.launch_accelerate" if part == "accelerate.commands.launch" else part for part in cmd]
-    child = subprocess.Popen(cmd, env=env)
+    # Its own session: a Ctrl-C in the terminal reaches the launcher once, through `forward`, not twice.
+    child = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def forward(signum, _frame):
         child.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    previous = {s: signal.signal(s, forward) for s in forwarded}
     try:
         return child.wait()
     finally:

@@ -3,7 +3,9 @@
 When a rank fails, Accelerate's launcher raises (torchrun's ChildFailedError, or CalledProcessError for a
 single process) and prints its own traceback under the rank's one-line error. `dtrain launch` runs this
 instead, so the job ends with the rank's error, one line saying which rank failed, and that rank's own
-exit code (2 for a user error) rather than the launcher's 1.
+exit code (2 for a user error, 75 for a stop on request) rather than the launcher's 1. When the launcher
+itself is signalled, it passes the signal to the ranks, which save and stop (dtrain.signals): the job
+then ends with 75 too once the run has recorded that stop.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
+
+from dtrain.signals import STOP_EXIT_CODE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    started = time.time()
     try:
         launch_command(args)
     except ChildFailedError as exc:
@@ -33,10 +39,39 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except subprocess.CalledProcessError as exc:  # one process: its own error is already printed
         return exc.returncode if exc.returncode > 0 else 128 - exc.returncode
-    except SignalException as exc:  # the launcher itself was signalled (Ctrl-C, scancel): ranks are stopped
-        print(f"dtrain launch: stopped by {signal.Signals(exc.sigval).name}", file=sys.stderr, flush=True)
+    except SignalException as exc:  # the launcher was signalled (Ctrl-C, scancel) and passed it to the ranks
+        name = signal.Signals(exc.sigval).name
+        if _stopped_on_request(args.training_script_args, started):
+            print(
+                f"dtrain launch: stopped by {name}; the ranks saved a checkpoint", file=sys.stderr, flush=True
+            )
+            return STOP_EXIT_CODE
+        print(f"dtrain launch: stopped by {name}", file=sys.stderr, flush=True)
         return 128 + int(exc.sigval)
     return 0
+
+
+def _stopped_on_request(train_args: list[str], since: float) -> bool:
+    """Whether the run, since `since`, recorded a stop on request in its run_info.json (every rank stopped at
+    an agreed step and a checkpoint was committed): then the job's exit code is the ranks' own."""
+    import datetime as dt
+    import json
+    from pathlib import Path
+
+    from dtrain.config import UserError, parse_config
+
+    try:
+        out = Path(parse_config(list(train_args)).output_dir)
+        info = json.loads((out / "run_info.json").read_text())
+    except (UserError, OSError, ValueError):
+        return False
+    ended = (info["resumes"][-1] if info.get("resumes") else info).get("ended") or {}
+    at = ended.get("at")
+    return (
+        ended.get("reason") == "stop_request"
+        and at is not None
+        and dt.datetime.fromisoformat(at).timestamp() >= since - 1
+    )
 
 
 if __name__ == "__main__":

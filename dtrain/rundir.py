@@ -141,3 +141,23 @@ def write_run_files(out: Path, cfg: Config, info: dict) -> None:
     except (OSError, ValueError):  # a fresh run (or a file torn by a kill: start it again)
         pass
     write_json_atomic(path, info)
+
+
+def record_end(out: Path, reason: str, step: int, **details) -> None:
+    """Why the run (or this resume of it) ended, in run_info.json: finished, early_stopped or stop_request
+    (with the signal and the checkpoint to resume from)."""
+    import datetime as _dt
+
+    path = out / "run_info.json"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    latest = info["resumes"][-1] if info.get("resumes") else info
+    latest["ended"] = {
+        "reason": reason,
+        "step": step,
+        "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **details,
+    }
+    write_json_atomic(path, info)

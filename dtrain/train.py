@@ -35,7 +35,7 @@ from dtrain.export import export_final
 from dtrain.metrics import MetricsLogger, StepStats
 from dtrain.modeling import build_model, build_tokenizer, count_parameters, count_targets, token_loss_sum
 from dtrain.optim import build_optimizer, build_scheduler, optimizer_state_row
-from dtrain.rundir import prepare_output_dir, resolve_resume, write_run_files
+from dtrain.rundir import prepare_output_dir, record_end, resolve_resume, write_run_files
 from dtrain.runtime import (
     build_accelerator,
     check_fsdp_wrapping,
@@ -44,6 +44,7 @@ from dtrain.runtime import (
     quiet_other_ranks,
     run_info,
 )
+from dtrain.signals import STOP_EXIT_CODE, StopRequest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,19 +59,23 @@ def main(argv: list[str] | None = None) -> int:
         evaluate(run, step=0)  # the untrained baseline
     run.model.train()
     run.logger.restart_clock()
-    while state.step < run.max_steps and not state.early_stopped:
+    requested = None
+    while state.step < run.max_steps and not state.early_stopped and not requested:
         plan = StepPlan.at(state.step + 1, cfg, run.max_steps)
         window = [next(batches) for _ in range(accumulation)]  # data window
         grad_norm = take_step(run, window, want_norm=plan.log)  # step
         if plan.log:
             log_train(run, grad_norm)  # log
         stop = plan.eval and evaluate(run, state.step)  # eval (early stopping decides here)
-        if plan.save or stop:
+        requested = run.stop.agreed()  # a signal on any rank, agreed by every rank at this step
+        if plan.save or stop or (requested and state.step < run.max_steps):
             run.checkpointer.save()  # save
         if plan.eval or plan.save:
             run.logger.restart_clock()  # eval and save time is not training throughput
         if stop:
             break  # stop
+    if requested and state.step < run.max_steps:
+        return stop_on_request(run, requested)
     finish(run)
     return 0
 
@@ -98,6 +103,7 @@ class Run:
     max_steps: int
     num_params: int
     already_complete: bool = False
+    stop: StopRequest | None = None  # signals turned into a stop every rank agrees on
     stats: StepStats | None = None
     order: DataOrder | None = None  # the data order, to see which windows have a target token
     lr: object = None  # the learning rate the last step used (read before the schedule moves it)
@@ -154,7 +160,7 @@ def setup(cfg: Config, argv: list[str]) -> Run:
         tokenizer.pad_token_id, pad_to_multiple_of=8 if accelerator.device.type == "cuda" else 1
     )
     run = Run(cfg, accelerator, tokenizer, data, model, optimizer, scheduler, state, checkpointer, logger,
-              collator, max_steps, num_params, stats=StepStats(accelerator.device),
+              collator, max_steps, num_params, stop=StopRequest(accelerator), stats=StepStats(accelerator.device),
               order=DataOrder(len(data.train), cfg.train.seed))  # fmt: skip
     if plan.path is not None:
         finished = state.step >= max_steps or state.early_stopped
@@ -322,13 +328,37 @@ def finish(run: Run) -> None:
     state, acc, out = run.state, run.accelerator, Path(run.cfg.output_dir)
     if state.last_eval_step != state.step:
         evaluate(run, state.step, final=True)
+    run.stop.close()
     last = run.checkpointer.save()  # a no-op when this step is already committed (early stop, resumed end)
     export_final(acc, last, out / "final")
+    if acc.is_main_process:
+        record_end(
+            out, "early_stopped" if state.early_stopped else "finished", state.step, checkpoint=str(last)
+        )
     run.logger.close()
     report_samples(acc, out, run.predictions, run.cfg.eval.num_samples)
     if acc.is_main_process and run.predictions and run.cfg.eval.num_samples:
         print(f"dtrain: final model in {out / 'final'}", flush=True)
     acc.end_training()
+
+
+def stop_on_request(run: Run, signal_name: str) -> int:
+    """After the agreed stop's checkpoint: say why in run_info.json and the log, exit with STOP_EXIT_CODE."""
+    state, acc = run.state, run.accelerator
+    run.stop.close()
+    last = run.checkpointer.save()  # already committed in the loop: returns its path
+    if acc.is_main_process:
+        record_end(
+            Path(run.cfg.output_dir), "stop_request", state.step, signal=signal_name, checkpoint=str(last)
+        )
+    run.logger.write(
+        f"dtrain: stopped by {signal_name} at step {state.step}; checkpoint {last.name} saved; rerun the same "
+        f"command to resume (exit code {STOP_EXIT_CODE})"
+    )
+    run.logger.close()
+    acc.wait_for_everyone()  # the ranks leave together, as at the end of finish()
+    acc.end_training()
+    return STOP_EXIT_CODE
 
 
 def _to_float(x) -> float | None:

@@ -1,0 +1,173 @@
+"""Stop requests (dtrain.signals), for real: a signal to one process or to the launcher stops every rank at
+one agreed step with a committed checkpoint and exit code 75, and rerunning the same command resumes with
+losses bitwise equal to an uninterrupted run. One process, and 2 CPU ranks under `dtrain launch ddp`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import (
+    REPO,
+    TINY,
+    TRAIN,
+    assert_ok,
+    dtrain_launch,
+    env_for_subprocess,
+    launch_cmd,
+    run_train,
+    train_rows,
+)
+
+from dtrain.signals import STOP_EXIT_CODE
+
+pytestmark = pytest.mark.slow
+
+STEPS = 500  # long enough to signal mid-run on 2 cores; the smoke model does ~100 steps/s
+SHAPE = [*TINY, "--train.max_steps", str(STEPS), "--checkpoint.save_steps", "0", "--eval.steps", "0",
+         "--eval.num_generate", "0", "--log.every_steps", "1", "--data.synthetic_train_examples", "2000"]  # fmt: skip
+EXIT_BOUND_S = 60  # from the signal to every process gone
+
+
+def _start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env_for_subprocess())  # fmt: skip
+
+
+def _wait_for_rows(out: Path, proc: subprocess.Popen, n: int = 3) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        path = out / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(
+        f"training never logged {n} rows:\n{proc.stdout.read() if proc.poll() is not None else ''}"
+    )
+
+
+def _processes(out: Path) -> dict[int, tuple[list[bytes], dict[bytes, bytes]]]:
+    """pid -> (command line, environment) of the live processes working on the run in `out`."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = dict(
+                kv.split(b"=", 1) for kv in (proc / "environ").read_bytes().split(b"\0") if b"=" in kv
+            )
+        except OSError:
+            continue
+        if str(out).encode() in cmdline:
+            found[int(proc.name)] = (cmdline, environ)
+    return found
+
+
+def _ranks(out: Path) -> dict[int, int]:
+    """rank -> pid of the live training processes of the run in `out`."""
+    return {
+        int(env[b"RANK"]): pid
+        for pid, (cmdline, env) in _processes(out).items()
+        if str(TRAIN).encode() in cmdline and b"RANK" in env
+    }
+
+
+def _kill_leftovers(out: Path) -> None:
+    """The launcher runs torchrun in its own session: a failed test must not leave the job running."""
+    for pid in _processes(out):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _stop_and_check(proc: subprocess.Popen, out: Path, send) -> dict:
+    """Signal (via `send`), wait, and check: exit 75 within the bound, nothing left running, the agreed
+    step's checkpoint committed and recorded in run_info.json."""
+    sent = time.time()
+    send()
+    try:
+        output, _ = proc.communicate(timeout=EXIT_BOUND_S)
+        assert time.time() - sent < EXIT_BOUND_S
+        assert not _processes(out), "a process of the job outlived it"
+    finally:
+        proc.kill()
+        _kill_leftovers(out)
+    assert proc.returncode == STOP_EXIT_CODE, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    ended = json.loads((out / "run_info.json").read_text())["ended"]
+    assert ended["reason"] == "stop_request"
+    step = ended["step"]
+    assert 0 < step < STEPS
+    assert [r["step"] for r in train_rows(out)] == list(range(1, step + 1))  # the stop step is the last
+    marker = json.loads((out / "checkpoints" / f"step-{step:08d}" / "dtrain_checkpoint.json").read_text())
+    assert marker["step"] == step
+    assert f"stopped by {ended['signal']} at step {step}" in output
+    return ended
+
+
+def _resumes_exactly(out: Path, straight: Path, again) -> None:
+    proc = again()
+    assert_ok(proc)
+    rows = train_rows(out)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # every step logged once
+    reference = {r["step"]: r["loss"] for r in train_rows(straight)}
+    assert {r["step"]: r["loss"] for r in rows} == reference  # bitwise
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["resumes"][-1]["ended"]["reason"] == "finished"
+
+
+@pytest.fixture(scope="module")
+def straight_single(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert_ok(run_train([*SHAPE, "--output_dir", str(out)]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight_ddp(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight-ddp") / "run"
+    assert_ok(dtrain_launch("ddp", [*SHAPE, "--output_dir", str(out)]))
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_one_process_stops_saves_and_resumes_exactly(sig, straight_single, tmp_path):
+    out = tmp_path / "run"
+    args = [*SHAPE, "--output_dir", str(out)]
+    proc = _start([sys.executable, str(TRAIN), *args])
+    _wait_for_rows(out, proc)
+    ended = _stop_and_check(proc, out, lambda: proc.send_signal(sig))
+    assert ended["signal"] == sig.name
+    _resumes_exactly(out, straight_single, lambda: run_train(args))
+
+
+@pytest.mark.parametrize(
+    "how", ["SIGTERM to the launcher", "SIGINT to the launcher", "SIGUSR1 to rank 1 only"]
+)
+def test_two_ranks_stop_at_one_step_and_resume_exactly(how, straight_ddp, tmp_path):
+    out = tmp_path / "run"
+    args = [*SHAPE, "--output_dir", str(out)]
+    proc = _start(launch_cmd("ddp", args))
+    _wait_for_rows(out, proc)
+    if how.endswith("rank 1 only"):
+        ranks = _ranks(out)
+        assert sorted(ranks) == [0, 1], ranks
+
+        def send():
+            os.kill(ranks[1], signal.SIGUSR1)
+    else:
+        sig = signal.SIGTERM if how.startswith("SIGTERM") else signal.SIGINT
+
+        def send():
+            proc.send_signal(sig)
+
+    _stop_and_check(proc, out, send)
+    _resumes_exactly(out, straight_ddp, lambda: dtrain_launch("ddp", args))
