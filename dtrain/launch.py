@@ -253,12 +253,16 @@ def build_command(
     return cmd, env
 
 
+def split_train_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`COMMAND ARGS -- TRAIN_ARGS` -> (ARGS, TRAIN_ARGS)."""
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1 :]
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    if "--" in argv:
-        i = argv.index("--")
-        argv, train_args = argv[:i], argv[i + 1 :]
-    else:
-        train_args = []
+    argv, train_args = split_train_args(argv)
     parser = argparse.ArgumentParser(prog="dtrain launch", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "profile", help=f"one of {', '.join(list_profiles())}, or a path to an accelerate config YAML"

@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 from dtrain.config import ConfigError, UserError, parse_config
-from dtrain.launch import REPO, list_profiles, load_profile
+from dtrain.launch import REPO, list_profiles, load_profile, split_train_args
 
 SCRIPTS = REPO / "launch" / "slurm"
 
@@ -51,10 +51,7 @@ def build_sbatch(args: argparse.Namespace, train_args: list[str]) -> tuple[list[
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    train_args: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, train_args = argv[:i], argv[i + 1 :]
+    argv, train_args = split_train_args(argv)
     parser = argparse.ArgumentParser(prog="dtrain slurm", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "profile", help=f"one of {', '.join(list_profiles())}, or a path to an accelerate config"
