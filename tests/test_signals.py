@@ -171,3 +171,22 @@ def test_two_ranks_stop_at_one_step_and_resume_exactly(how, straight_ddp, tmp_pa
 
     _stop_and_check(proc, out, send)
     _resumes_exactly(out, straight_ddp, lambda: dtrain_launch("ddp", args))
+
+
+def test_the_handler_only_sets_a_flag_and_the_handlers_are_given_back():
+    """In-process, one process (no group): the first stop signal is kept, later ones do not replace it,
+    and close() restores whatever handlers were there before."""
+    from types import SimpleNamespace
+
+    from dtrain.signals import StopRequest
+
+    before = signal.getsignal(signal.SIGUSR1)
+    stop = StopRequest(SimpleNamespace(num_processes=1))
+    try:
+        assert stop.agreed() is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)  # would end this test process, were it not handled
+        assert stop.agreed() == "SIGUSR1"
+    finally:
+        stop.close()
+    assert signal.getsignal(signal.SIGUSR1) is before
