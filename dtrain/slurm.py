@@ -4,7 +4,7 @@
     dtrain slurm zero3 --nodes 4 --account proj --dry-run -- --config my.yaml   # print it, submit nothing
 
 The job scripts read their settings from the environment (PROFILE, RECIPE, OUTPUT_DIR, TRAIN_ARGS,
-MAX_RESTARTS, GPUS_PER_NODE), which sbatch passes on; this command fills them and the common sbatch
+MAX_RESTARTS, GPUS_PER_NODE, PYTHON), which sbatch passes on; this command fills them and the common sbatch
 options in, checks the profile and the training flags first, and prints the exact command. Launch side only.
 """
 
@@ -36,7 +36,7 @@ def build_sbatch(args: argparse.Namespace, train_args: list[str]) -> tuple[list[
         if value:
             cmd.append(f"--{flag}={value}")
     cmd.append(str(script))
-    env = {"PROFILE": args.profile}
+    env = {"PROFILE": args.profile, "PYTHON": sys.executable}  # the interpreter that has dtrain installed
     if args.recipe:
         env["RECIPE"] = args.recipe
     if args.output_dir:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import sys
 
 from conftest import REPO, run_dtrain
 
@@ -25,6 +26,7 @@ def test_multi_node_gpu_job():
                    str(REPO / "launch" / "slurm" / "multi_node.sbatch")]  # fmt: skip
     assert env == {
         "PROFILE": "fsdp",
+        "PYTHON": sys.executable,
         "TRAIN_ARGS": "--train.max_steps 1000 --optim.lr 1e-4",
         "GPUS_PER_NODE": "8",
     }
@@ -36,7 +38,8 @@ def test_single_node_with_recipe_output_dir_and_restarts(tmp_path):
                         "--dry-run")  # fmt: skip
     assert cmd[-1].endswith("single_node.sbatch") and "--nodes=1" in cmd
     assert not any(c.startswith("--gres") for c in cmd)  # no GPUs asked: the node's CPUs (CPU rehearsal)
-    assert env == {"PROFILE": "zero3", "RECIPE": str(recipe), "OUTPUT_DIR": "runs/x", "MAX_RESTARTS": "5"}
+    assert env == {"PROFILE": "zero3", "PYTHON": sys.executable, "RECIPE": str(recipe), "OUTPUT_DIR": "runs/x",
+                   "MAX_RESTARTS": "5"}  # fmt: skip
 
 
 def test_bad_flags_are_refused_before_submitting():
