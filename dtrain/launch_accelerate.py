@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.returncode if exc.returncode > 0 else 128 - exc.returncode
     except SignalException as exc:  # the launcher was signalled (Ctrl-C, scancel) and passed it to the ranks
         name = signal.Signals(exc.sigval).name
-        if _stopped_on_request(args.training_script_args, started):
+        if _stopped_on_request(args.training_script_args, started, wait_s=15):
             print(
                 f"dtrain launch: stopped by {name}; the ranks saved a checkpoint", file=sys.stderr, flush=True
             )
@@ -51,9 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _stopped_on_request(train_args: list[str], since: float) -> bool:
+def _stopped_on_request(train_args: list[str], since: float, wait_s: float) -> bool:
+    deadline = time.time() + wait_s
+    while not _recorded_stop(train_args, since):
+        if time.time() > deadline:
+            return False
+        time.sleep(1)
+    return True
+
+
+def _recorded_stop(train_args: list[str], since: float) -> bool:
     """Whether the run, since `since`, recorded a stop on request in its run_info.json (every rank stopped at
-    an agreed step and a checkpoint was committed): then the job's exit code is the ranks' own."""
+    an agreed step and a checkpoint was committed): then the job's exit code is the ranks' own. Rank 0 writes
+    it before the ranks' last barrier; on another node of a shared file system it may show a moment later,
+    hence the caller's short poll."""
     import datetime as dt
     import json
     from pathlib import Path
