@@ -63,6 +63,14 @@ def tokenize(ds, tokenizer, cfg: DataConfig, what: str):
     return out.remove_columns("truncated"), truncated, no_target
 
 
+def longest(ds) -> int:
+    """Tokens in the longest example (read from the Arrow column, no Python lists)."""
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(ds.with_format("arrow")["input_ids"])
+    return int(pc.max(lengths).as_py() or 0)
+
+
 def build_data(
     cfg: DataConfig, tokenizer, train_path: str, eval_path: str | None, seed: int, num_generate: int
 ) -> Data:
@@ -82,13 +90,15 @@ def build_data(
     else:
         raw_eval = None
     train, trunc, no_target = tokenize(raw, tokenizer, cfg, "train")
-    stats = {"train_examples": len(train), "train_truncated": trunc, "train_without_target": no_target}
+    stats = {"train_examples": len(train), "train_truncated": trunc, "train_without_target": no_target,
+             "longest_example": longest(train)}  # fmt: skip
     warnings = check_targets(len(train), no_target, cfg.max_length)
     evalset = None
     generate: list[dict] = []
     if raw_eval is not None:
         evalset, etrunc, _ = tokenize(raw_eval, tokenizer, cfg, "eval")
         stats.update(eval_examples=len(evalset), eval_truncated=etrunc)
+        stats["longest_example"] = max(stats["longest_example"], longest(evalset))
         for row in raw_eval.select(range(min(num_generate, len(raw_eval)))):
             item = generation_item(row, tokenizer, cfg)
             if item is not None:

@@ -65,7 +65,9 @@ def build_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def build_model(cfg: ModelConfig, tokenizer, data: DataConfig, eval_cfg: EvalConfig):
+def build_model(
+    cfg: ModelConfig, tokenizer, data: DataConfig, eval_cfg: EvalConfig, longest: int | None = None
+):
     if cfg.name_or_path is None:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -96,7 +98,7 @@ def build_model(cfg: ModelConfig, tokenizer, data: DataConfig, eval_cfg: EvalCon
         except Exception as exc:
             raise _load_error("name_or_path", cfg.name_or_path, exc) from None
         check_vocabulary(cfg, model, tokenizer)
-    check_max_length(cfg, model, data)
+    check_max_length(cfg, model, data, longest)
     gen = model.generation_config
     gen.do_sample, gen.max_new_tokens = False, eval_cfg.max_new_tokens
     gen.pad_token_id, gen.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -148,16 +150,18 @@ def max_positions(config) -> int | None:
     return limit[1] if limit else None
 
 
-def check_max_length(cfg: ModelConfig, model, data: DataConfig) -> None:
+def check_max_length(cfg: ModelConfig, model, data: DataConfig, longest: int | None = None) -> None:
     """Examples longer than the model's positions fail mid-run (learned positions index out of range) or
-    train on positions the model never saw: refused before training."""
+    train on positions the model never saw: refused before training. `longest`: the longest tokenized
+    example, when known (a max_length above the limit is harmless while no example reaches it)."""
     limit = position_limit(model.config)
-    if limit is not None and data.max_length > limit[1]:
+    needed = min(data.max_length, longest) if longest else data.max_length
+    if limit is not None and needed > limit[1]:
         key, value = limit
         raise UserError(
             f"--data.max_length {data.max_length} is larger than the model's {key} {value} "
-            f"({type(model).__name__} from --model.name_or_path '{cfg.name_or_path}'); "
-            f"set --data.max_length {value} or less"
+            f"({type(model).__name__} from --model.name_or_path '{cfg.name_or_path}'; the longest example "
+            f"has {needed} tokens); set --data.max_length {value} or less"
         )
 
 

@@ -138,7 +138,7 @@ def setup(cfg: Config, argv: list[str]) -> Run:
     set_seed(cfg.train.seed)
     tokenizer = build_tokenizer(cfg.model)
     data = load_run_data(cfg, tokenizer, accelerator)
-    model = build_model(cfg.model, tokenizer, cfg.data, cfg.eval)
+    model = build_model(cfg.model, tokenizer, cfg.data, cfg.eval, data.stats["longest_example"])
     num_params = count_parameters(model)
     max_steps = total_steps(cfg, len(data.train), accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.optim, accelerator.device)

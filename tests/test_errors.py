@@ -153,7 +153,13 @@ def tokenizer_larger_than_embedding(c: Ctx) -> Case:
 
 def max_length_over_positions(c: Ctx) -> Case:
     short = c.llama("short", max_position_embeddings=32)
-    return c.on_model(c.jsonl("chat.jsonl", [CHAT] * 8), "--data.max_length", "128", model=short)
+    long_chat = {
+        "messages": [
+            {"role": "user", "content": "Reverse: " + "abcd" * 15},
+            {"role": "assistant", "content": "dcba"},
+        ]
+    }
+    return c.on_model(c.jsonl("chat.jsonl", [long_chat] * 8), "--data.max_length", "128", model=short)
 
 
 def resume_from_run_dir_without_checkpoint(c: Ctx) -> Case:
