@@ -81,6 +81,10 @@ class DataConfig:
     """A Jinja chat template file used instead of the tokenizer's chat template (or when it has none)."""
     max_length: int = 128
     """Tokens per example; longer examples are truncated (and counted in the log), never dropped."""
+    packing: bool = False
+    """Pack examples end to end into rows of max_length tokens (best-fit decreasing), each attending only
+    to itself (position ids restart per example, no attention mask): no compute spent on padding. A
+    train "sample" is then a packed row. Eval is never packed."""
     num_workers: int = 0
     """DataLoader worker processes (0 = load in the training process)."""
     synthetic_tasks: list[str] = field(default_factory=lambda: ["reverse", "sort", "add", "upper"])

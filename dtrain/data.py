@@ -22,6 +22,7 @@ from dtrain.datasource import (  # noqa: F401  (load_table re-exported)
     load_table,
     use_chat_template,
 )
+from dtrain.packing import PackedCollator, PackedDataset
 from dtrain.templates import (  # noqa: F401  (re-exported: the templates are part of the data API)
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
@@ -36,7 +37,7 @@ from dtrain.templates import (  # noqa: F401  (re-exported: the templates are pa
 
 @dataclass
 class Data:
-    train: object  # datasets.Dataset with input_ids, labels
+    train: object  # datasets.Dataset with input_ids, labels; a PackedDataset of rows with --data.packing
     eval: object | None
     generate: list[dict] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
@@ -52,15 +53,22 @@ class Data:
 
 
 def tokenize(ds, tokenizer, cfg: DataConfig, what: str):
+    """Tokenize through `datasets.map`, whose cache (keyed by the data, the tokenizer and the settings)
+    makes a second run on the same data skip the work. Returns (dataset, truncated, without target,
+    cache: "hit", "miss" or "off" for data held in memory)."""
+    cached_before = {Path(f["filename"]).parent for f in ds.cache_files}
+    existing = {p for d in cached_before for p in d.glob("cache-*.arrow")}
     out = ds.map(
         lambda batch: encode_batch(batch, tokenizer, cfg),
         batched=True,
         remove_columns=ds.column_names,
         desc=f"tokenizing {what}",
     )
+    files = {Path(f["filename"]) for f in out.cache_files}
+    cache = "off" if not cached_before or not files else ("hit" if files <= existing else "miss")
     truncated = int(sum(out["truncated"]))
     no_target = int(sum(1 for labels in out["labels"] if all(t == IGNORE_INDEX for t in labels[1:])))
-    return out.remove_columns("truncated"), truncated, no_target
+    return out.remove_columns("truncated"), truncated, no_target, cache
 
 
 def longest(ds) -> int:
@@ -89,14 +97,14 @@ def build_data(
         raw, raw_eval = parts["train"], parts["test"]
     else:
         raw_eval = None
-    train, trunc, no_target = tokenize(raw, tokenizer, cfg, "train")
+    train, trunc, no_target, cache = tokenize(raw, tokenizer, cfg, "train")
     stats = {"train_examples": len(train), "train_truncated": trunc, "train_without_target": no_target,
-             "longest_example": longest(train)}  # fmt: skip
+             "longest_example": longest(train), "tokenize_cache": cache}  # fmt: skip
     warnings = check_targets(len(train), no_target, cfg.max_length)
     evalset = None
     generate: list[dict] = []
     if raw_eval is not None:
-        evalset, etrunc, _ = tokenize(raw_eval, tokenizer, cfg, "eval")
+        evalset, etrunc, _, _ = tokenize(raw_eval, tokenizer, cfg, "eval")
         stats.update(eval_examples=len(evalset), eval_truncated=etrunc)
         stats["longest_example"] = max(stats["longest_example"], longest(evalset))
         for row in raw_eval.select(range(min(num_generate, len(raw_eval)))):
@@ -105,6 +113,10 @@ def build_data(
                 generate.append(item)
     # which examples train something: a window of only target-free examples is skipped, not trained
     with_target = [has_target(labels) for labels in train["labels"]] if no_target else None
+    if cfg.packing:
+        train = PackedDataset(train, cfg.max_length)
+        stats.update(packed_rows=len(train), packing_fill=round(train.fill, 4))
+        with_target = train.row_has_target(with_target) if with_target else None
     return Data(train, evalset, generate, stats, warnings, with_target)
 
 
@@ -170,6 +182,15 @@ class Collator:
             labels[i, :n] = torch.as_tensor(r["labels"])
             mask[i, :n] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def train_collator(cfg: DataConfig, pad_id: int, device_type: str, attn_implementation: str | None):
+    """Packed rows or right-padded examples; widths a multiple of 8 on CUDA (tensor-core friendly)."""
+    multiple = 8 if device_type == "cuda" else 1
+    if cfg.packing:
+        flash = (attn_implementation or "").startswith("flash")
+        return PackedCollator(pad_id, pad_to_multiple_of=multiple, flash=flash)
+    return Collator(pad_id, pad_to_multiple_of=multiple)
 
 
 class DataOrder:

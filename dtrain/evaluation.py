@@ -14,7 +14,7 @@ import torch
 
 from dtrain.config import Config
 from dtrain.data import Collator, Data, eval_batches, rank_shard
-from dtrain.modeling import count_targets, token_loss_sum
+from dtrain.modeling import count_targets, forward_logits, token_loss_sum
 from dtrain.tasks import exact_match
 
 
@@ -25,7 +25,7 @@ def eval_loss(accelerator, model, dataset, batch_size: int, collator: Collator) 
         dataset, batch_size, accelerator.process_index, accelerator.num_processes, collator
     ):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"]).logits  # right-padded: no mask needed (see train_step)
+        logits = forward_logits(model, batch)
         sums += torch.stack(
             [token_loss_sum(logits, batch["labels"]).double(), count_targets(batch["labels"]).double()]
         )

@@ -30,18 +30,70 @@ class StepStats:
         self.sums += torch.stack([loss_sum.double(), targets.double(), tokens.double()])
         self.positions += positions
 
-    def pop(self, accelerator) -> dict[str, float]:
-        """All-reduce and copy to host (the one sync per log interval), then reset."""
-        host = torch.tensor([float(self.positions)], dtype=torch.float64, device=self.sums.device)
-        totals = accelerator.reduce(torch.cat([self.sums, host]), reduction="sum").tolist()
+    def pop(self, accelerator) -> dict:
+        """Gather every rank's sums and peak memory and copy them to the host (the one sync per log
+        interval), then reset. Returns the sums over ranks and `peak_memory` (bytes, one per rank)."""
+        host = torch.tensor([float(self.positions), float(peak_memory_bytes(self.sums.device))],
+                            dtype=torch.float64, device=self.sums.device)  # fmt: skip
+        per_rank = accelerator.gather(torch.cat([self.sums, host])).view(accelerator.num_processes, -1)
+        totals = per_rank[:, :-1].sum(0).tolist()
+        peaks = per_rank[:, -1].tolist()
         self.sums.zero_()
         self.positions = 0
-        return dict(zip((*self.FIELDS, "positions"), totals, strict=True))
+        return {**dict(zip((*self.FIELDS, "positions"), totals, strict=True)), "peak_memory": peaks}
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak memory: CUDA, the most the caching allocator ever handed out
+    (`max_memory_allocated`); CPU, the peak resident set size of the process (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# Dense bf16 tensor-core peak FLOP/s by device name (vendor data sheets, without sparsity). Checked in
+# order, first match wins; a device not listed gets no MFU rather than a wrong one.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM (the name reads "H100 80GB HBM3")
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def mfu(tokens_per_sec_per_device: float, flops_per_token: float | None, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: the model's training FLOPs at this throughput over the device's peak."""
+    if not flops_per_token or not peak:
+        return None
+    return tokens_per_sec_per_device * flops_per_token / peak
 
 
 class MetricsLogger:
-    def __init__(self, accelerator, output_dir: Path, total_steps: int, start_step: int, progress_bar: bool):
+    def __init__(
+        self,
+        accelerator,
+        output_dir: Path,
+        total_steps: int,
+        start_step: int,
+        progress_bar: bool,
+        flops_per_token: float | None = None,
+    ):
         self.accelerator = accelerator
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops(accelerator.device)
         self.main = accelerator.is_main_process
         self.path = output_dir / "metrics.jsonl"
         self.last_time = time.perf_counter()
@@ -75,6 +127,9 @@ class MetricsLogger:
         now = time.perf_counter()
         elapsed, self.last_time = now - self.last_time, now
         loss = sums["loss_sum"] / sums["targets"] if sums["targets"] else None  # nothing trained: no loss
+        tokens_per_sec = sums["tokens"] / elapsed if elapsed > 0 else None
+        per_device = (tokens_per_sec or 0.0) / self.accelerator.num_processes
+        mib = [round(b / 2**20, 1) for b in sums["peak_memory"]]
         return {
             "step": step,
             "loss": loss,
@@ -82,8 +137,11 @@ class MetricsLogger:
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": tokens_seen,
-            "tokens_per_sec": sums["tokens"] / elapsed if elapsed > 0 else None,
+            "tokens_per_sec": tokens_per_sec,
             "padding_fraction": 1.0 - sums["tokens"] / max(sums["positions"], 1.0),
+            "mfu": mfu(per_device, self.flops_per_token, self.peak_flops),
+            "peak_memory_mib": max(mib),
+            "peak_memory_mib_per_rank": mib,
             "epoch": epoch,
         }
 

@@ -172,6 +172,38 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters())
 
 
+def attn_implementation(model) -> str | None:
+    """The attention kernel the model really uses (transformers may pick it when none was asked for)."""
+    return getattr(model.config, "_attn_implementation", None)
+
+
+# What a packed batch hands the model besides input_ids (see packing.py); never an attention mask.
+_PACKED_INPUTS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def forward_logits(model, batch: dict) -> torch.Tensor:
+    """The forward of every training step and eval loss. No cache (in training it would let packed
+    examples attend to each other, and it is memory for nothing) and no attention mask: batches are
+    right-padded, so under the causal mask no real token sees a pad, and a packed batch is isolated by
+    its position ids. Passing no mask also skips transformers' is-there-padding check, a host sync."""
+    extra = {key: batch[key] for key in _PACKED_INPUTS if key in batch}
+    return model(input_ids=batch["input_ids"], use_cache=False, **extra).logits
+
+
+def flops_per_token(model, num_params: int, seq_len: int) -> float | None:
+    """Training FLOPs per token, as torchtitan counts them: 6 x (parameters - input-embedding parameters)
+    for the matmuls forward and backward, plus 12 x layers x heads x head_dim x sequence length for
+    attention. None when the config does not say its shape."""
+    c = model.config
+    layers, heads = getattr(c, "num_hidden_layers", None), getattr(c, "num_attention_heads", None)
+    hidden = getattr(c, "hidden_size", None)
+    if not (layers and heads and hidden):
+        return None
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    embedding = count_parameters(model.get_input_embeddings())
+    return 6 * (num_params - embedding) + 12 * layers * heads * head_dim * seq_len
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropy over target tokens (labels != -100), in fp32.
 

@@ -29,12 +29,22 @@ import torch
 
 from dtrain.checkpoint import Checkpointer, TrainState, check_continuity
 from dtrain.config import Config, UserError, flatten, parse_config
-from dtrain.data import Collator, Data, DataOrder, load_run_data, train_loader
+from dtrain.data import Collator, Data, DataOrder, load_run_data, train_collator, train_loader
 from dtrain.evaluation import report_samples, run_eval, track_best
 from dtrain.export import export_final
 from dtrain.metrics import MetricsLogger, StepStats
-from dtrain.modeling import build_model, build_tokenizer, count_parameters, count_targets, token_loss_sum
+from dtrain.modeling import (
+    attn_implementation,
+    build_model,
+    build_tokenizer,
+    count_parameters,
+    count_targets,
+    flops_per_token,
+    forward_logits,
+    token_loss_sum,
+)
 from dtrain.optim import build_optimizer, build_scheduler, optimizer_state_row
+from dtrain.packing import check_isolation, probe_rows
 from dtrain.rundir import prepare_output_dir, record_end, resolve_resume, write_run_files
 from dtrain.runtime import (
     build_accelerator,
@@ -99,7 +109,8 @@ class Run:
     state: TrainState
     checkpointer: Checkpointer
     logger: MetricsLogger
-    collator: Collator
+    collator: Collator  # eval batches (never packed)
+    batcher: object  # train batches: Collator, or PackedCollator with --data.packing
     max_steps: int
     num_params: int
     already_complete: bool = False
@@ -119,7 +130,7 @@ class Run:
         """This rank's micro-batches from the current data position on."""
         t, acc = self.cfg.train, self.accelerator
         loader = train_loader(self.data.train, t.per_device_batch_size, acc.process_index, acc.num_processes,
-                              t.seed, self.state.samples_seen, self.collator, self.cfg.data.num_workers,
+                              t.seed, self.state.samples_seen, self.batcher, self.cfg.data.num_workers,
                               pin=acc.device.type == "cuda")  # fmt: skip
         return iter(loader)
 
@@ -140,6 +151,7 @@ def setup(cfg: Config, argv: list[str]) -> Run:
     data = load_run_data(cfg, tokenizer, accelerator)
     model = build_model(cfg.model, tokenizer, cfg.data, cfg.eval, data.stats["longest_example"])
     num_params = count_parameters(model)
+    flops = flops_per_token(model, num_params, cfg.data.max_length)  # for MFU on CUDA
     max_steps = total_steps(cfg, len(data.train), accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.optim, accelerator.device)
     # Stepped by hand once per optimizer step (fp16-skipped steps excluded), so not prepared; the
@@ -155,13 +167,16 @@ def setup(cfg: Config, argv: list[str]) -> Run:
     checkpointer = Checkpointer(accelerator, cfg, model, optimizer, scheduler, state, tokenizer)
     if plan.path is not None:
         checkpointer.load(plan.path)
-    logger = MetricsLogger(accelerator, out, max_steps, state.step, cfg.log.progress_bar)
-    collator = Collator(
-        tokenizer.pad_token_id, pad_to_multiple_of=8 if accelerator.device.type == "cuda" else 1
-    )
+    logger = MetricsLogger(accelerator, out, max_steps, state.step, cfg.log.progress_bar, flops)
+    device_type, attention = accelerator.device.type, attn_implementation(accelerator.unwrap_model(model))
+    collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if device_type == "cuda" else 1)  # eval
+    batcher = train_collator(cfg.data, tokenizer.pad_token_id, device_type, attention)
+    if cfg.data.packing:  # prove on the live model that packed examples cannot see each other
+        rows = probe_rows(data.train.examples, len(tokenizer))
+        check_isolation(model, forward_logits, batcher, rows, f"attn_implementation {attention}")
     run = Run(cfg, accelerator, tokenizer, data, model, optimizer, scheduler, state, checkpointer, logger,
-              collator, max_steps, num_params, stop=StopRequest(accelerator), stats=StepStats(accelerator.device),
-              order=DataOrder(len(data.train), cfg.train.seed))  # fmt: skip
+              collator, batcher, max_steps, num_params, stop=StopRequest(accelerator),
+              stats=StepStats(accelerator.device), order=DataOrder(len(data.train), cfg.train.seed))  # fmt: skip
     if plan.path is not None:
         finished = state.step >= max_steps or state.early_stopped
         if finished and (out / "final" / "config.json").is_file():
@@ -262,7 +277,7 @@ def train_step(accelerator, model, optimizer, window: list[dict], max_grad_norm:
     window over all ranks (one all-reduce, no host sync). Accelerate divides by the accumulation
     steps and DDP/FSDP/ZeRO average over ranks, so the scale multiplies both back.
     """
-    window = [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in window]
+    window = [{k: _to(v, accelerator.device) for k, v in b.items()} for b in window]
     targets = torch.stack([count_targets(b["labels"]) for b in window]).sum()
     global_targets = accelerator.reduce(targets.clone(), reduction="sum")
     scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / global_targets.clamp(min=1)
@@ -270,10 +285,7 @@ def train_step(accelerator, model, optimizer, window: list[dict], max_grad_norm:
     grad_norm = None
     for batch in window:
         with accelerator.accumulate(model):
-            # Batches are right-padded, so under the causal mask no real token ever sees a pad: the
-            # attention mask is redundant. Passing none keeps attention on the fast causal path and
-            # avoids transformers' is-there-padding check, a host sync per forward.
-            logits = model(input_ids=batch["input_ids"]).logits
+            logits = forward_logits(model, batch)  # no attention mask, no cache (see forward_logits)
             batch_loss = token_loss_sum(logits, batch["labels"])
             accelerator.backward(batch_loss * scale)
             loss_sum += batch_loss.detach()
@@ -359,6 +371,12 @@ def stop_on_request(run: Run, signal_name: str) -> int:
     acc.wait_for_everyone()  # the ranks leave together, as at the end of finish()
     acc.end_training()
     return STOP_EXIT_CODE
+
+
+def _to(value, device):
+    return (
+        value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+    )  # flash's max_length_q: an int
 
 
 def _to_float(x) -> float | None:

@@ -17,6 +17,7 @@ from dtrain.data import (
     alpaca_prompt,
     build_data,
     eval_batches,
+    load_table,
     rank_shard,
     tokenize,
 )
@@ -59,12 +60,25 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def test_tokenize_counts_truncated_and_keeps_every_row(tok):
     rows = [{"text": "a" * n} for n in (5, 50, 8, 100, 3)]
     ds = datasets.Dataset.from_list(rows)
-    out, truncated, no_target = tokenize(ds, tok, DataConfig(template="text", max_length=20), "train")
+    out, truncated, no_target, cache = tokenize(ds, tok, DataConfig(template="text", max_length=20), "train")
+    assert cache == "off"  # an in-memory dataset has no cache to hit
     assert len(out) == len(rows)
     assert truncated == 2
     assert no_target == 0
     assert out.column_names == ["input_ids", "labels"]
     assert max(len(x) for x in out["input_ids"]) == 20
+
+
+def test_a_second_tokenization_of_the_same_file_hits_the_datasets_cache(tok, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": "ab" * n}) + "\n" for n in range(1, 30)))
+    first = tokenize(load_table(str(path), "train", "data.path"), tok, DataConfig(template="text"), "train")
+    again = tokenize(load_table(str(path), "train", "data.path"), tok, DataConfig(template="text"), "train")
+    other = tokenize(
+        load_table(str(path), "train", "data.path"), tok, DataConfig(template="text", max_length=9), "x"
+    )
+    assert (first[3], again[3], other[3]) == ("miss", "hit", "miss")  # a setting that changes tokens: a miss
+    assert again[0]["input_ids"] == first[0]["input_ids"]
 
 
 def test_build_data_counts_truncated_examples_never_drops_them(tok, tmp_path):
@@ -155,7 +169,7 @@ def test_collator_pad_to_multiple_of(longest, multiple, width):
 
 def test_collator_width_ignores_max_length(tok):
     ds = datasets.Dataset.from_list([{"text": "ab"}, {"text": "abcd"}])
-    out, _, _ = tokenize(ds, tok, DataConfig(template="text", max_length=128), "x")
+    out, _, _, _ = tokenize(ds, tok, DataConfig(template="text", max_length=128), "x")
     batch = Collator(pad_id=tok.pad_token_id)([out[0], out[1]])
     assert batch["input_ids"].shape[1] == len(out[1]["input_ids"]) == 6  # <s> a b c d </s>
 

@@ -42,6 +42,10 @@ def test_two_ranks_train_the_same_math_as_one(tmp_path):
     worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert worst < 1e-4, worst
     assert "MULTI_CPU" in (two / "run_info.json").read_text()
+    # peak memory is each rank's own (the row's headline is the largest), and a real process size
+    assert all(len(r["peak_memory_mib_per_rank"]) == 2 for r in b)
+    assert all(r["peak_memory_mib"] == max(r["peak_memory_mib_per_rank"]) > 100 for r in b)
+    assert all(len(r["peak_memory_mib_per_rank"]) == 1 for r in a)
 
 
 def test_multi_gpu_without_cpu_flag_is_refused(tmp_path):

@@ -1,5 +1,7 @@
 """The training step never copies a value to the host: no `.item()`, `.tolist()`, `float(t)`,
-`int(t)` or `bool(t)` between logging steps (each is a device sync on a GPU).
+`int(t)` or `bool(t)` between logging steps (each is a device sync on a GPU). One exception, counted
+exactly: transformers' packed-sequence detection reads one boolean per forward (sdpa, eager; not under
+torch.compile), because training forwards pass no cache and no attention mask.
 
 On this CPU machine a sync cannot be observed directly, so the test counts the Python-level calls
 that would cause one, over real `train_step` calls and the device-side metric accumulation.
@@ -69,8 +71,42 @@ def test_training_steps_between_logs_make_no_host_copies():
                 accelerator, model, optimizer, window, 1.0, False
             )
             stats.add(loss_sum, targets, tokens, positions)
-    assert calls == [], f"host copies in the training step: {calls}"
+    assert_only_transformers_detection(calls, forwards=3 * len(window))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # it trained
     with count_host_copies() as calls:
         totals = stats.pop(accelerator)  # the logging step is where the one copy happens
     assert calls and totals["targets"] == 3 * sum(len(r["input_ids"]) - 3 for r in rows)
+
+
+def test_packed_steps_make_no_host_copies_of_their_own():
+    """The packed path: dtrain adds no host copy. transformers' packed-sequence detection
+    (masking_utils.find_packed_sequence_indices, `if (...).all()`) reads one boolean per forward (per
+    micro-batch, not per layer) with sdpa and eager; under torch.compile it is skipped. Counted exactly,
+    so a new sync on this path (in dtrain or per layer) fails here."""
+    from dtrain.packing import PackedCollator
+
+    accelerator = fresh_accelerator(2)
+    tok = build_char_tokenizer()
+    model = tiny_llama(tok)
+    optimizer = build_optimizer(model, OptimConfig(), accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    rows = [
+        {"input_ids": list(range(4, 4 + n)), "labels": [IGNORE_INDEX] * 3 + list(range(7, 4 + n))}
+        for n in (8, 12, 9, 15)
+    ]
+    pack = PackedCollator(tok.pad_token_id)
+    window = [pack([rows[:2], rows[2:3]]), pack([rows[3:]])]
+    with count_host_copies() as calls:
+        for _ in range(2):
+            train_step(accelerator, model, optimizer, window, 1.0, False)
+    assert_only_transformers_detection(calls, forwards=2 * len(window))
+
+
+def assert_only_transformers_detection(calls: list[str], forwards: int) -> None:
+    """No host copy from dtrain; from transformers only its packed-sequence detection, once per forward.
+    (It runs on every forward without a cache and without a mask, packed or not: dtrain passes
+    use_cache=False, so that unpacked right-padded batches get it too.)"""
+    ours = [c for c in calls if f"site-packages{os.sep}" not in c]
+    assert ours == [], f"host copies in dtrain's step: {ours}"
+    detection = [c for c in calls if c.endswith(f"transformers{os.sep}masking_utils.py")]
+    assert len(calls) == len(detection) == forwards, calls

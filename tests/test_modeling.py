@@ -91,3 +91,18 @@ def test_embedded_model_always_fits():
     cfg = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
     model, tok = _build(cfg, DataConfig(max_length=1024))
     assert max_positions(model.config) >= 1024 and model.get_input_embeddings().num_embeddings == len(tok)
+
+
+def test_flops_per_token_counts_matmuls_without_the_input_embedding_plus_attention():
+    """torchtitan's count, recomputed here from the model's own tensors: 6 x non-embedding parameters
+    plus 12 x layers x heads x head_dim x sequence length."""
+    import transformers
+
+    from dtrain.modeling import flops_per_token
+
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    model = transformers.LlamaForCausalLM(config)
+    params = sum(p.numel() for p in model.parameters())
+    non_embedding = params - model.model.embed_tokens.weight.numel()
+    assert flops_per_token(model, params, 256) == 6 * non_embedding + 12 * 3 * 4 * 16 * 256

@@ -59,6 +59,8 @@ def test_loss_decreases_and_rows_are_complete(tiny_run):
     for r in rows:
         assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_sec", "epoch"} <= r.keys()
         assert r["grad_norm"] > 0 and r["tokens_per_sec"] > 0
+        assert r["mfu"] is None  # CPU: no peak to divide by, so no MFU rather than a wrong one
+        assert 100 < r["peak_memory_mib"] < 20_000 and r["peak_memory_mib_per_rank"] == [r["peak_memory_mib"]]
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, (rows[0]["loss"], rows[-1]["loss"])
     assert rows[-1]["tokens"] > rows[0]["tokens"] > 0
     assert rows[-1]["epoch"] == pytest.approx(12 * 4 / 240)
