@@ -111,6 +111,12 @@ class TrainConfig:
     """null = whatever the launch config says (accelerate config / --mixed_precision)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
+    loss_chunk_size: int = 0
+    """Compute the output head and the cross-entropy this many tokens at a time, recomputed in backward, so
+    the full [tokens, vocab] logits never exist at once (large vocabularies); 0 = the plain loss."""
+    compile: bool = False
+    """torch.compile the model through Accelerate: its repeated decoder layers compiled once and reused
+    (regional compilation), so start-up costs one layer's compile, not the whole model's."""
 
 
 @dataclass
@@ -519,6 +525,7 @@ def validate(cfg: Config) -> list[str]:
     positive("train.max_steps", t.max_steps)
     positive("train.num_epochs", t.num_epochs)
     positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
+    positive("train.loss_chunk_size", t.loss_chunk_size, allow_zero=True)
     positive("data.max_length", d.max_length)
     positive("data.num_workers", d.num_workers, allow_zero=True)
     positive("data.synthetic_train_examples", d.synthetic_train_examples)

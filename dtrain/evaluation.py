@@ -14,7 +14,7 @@ import torch
 
 from dtrain.config import Config
 from dtrain.data import Collator, Data, eval_batches, rank_shard
-from dtrain.modeling import count_targets, forward_logits, token_loss_sum
+from dtrain.loss import count_targets, forward_loss_sum
 from dtrain.tasks import exact_match
 
 
@@ -25,9 +25,8 @@ def eval_loss(accelerator, model, dataset, batch_size: int, collator: Collator) 
         dataset, batch_size, accelerator.process_index, accelerator.num_processes, collator
     ):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        logits = forward_logits(model, batch)
         sums += torch.stack(
-            [token_loss_sum(logits, batch["labels"]).double(), count_targets(batch["labels"]).double()]
+            [forward_loss_sum(model, batch).double(), count_targets(batch["labels"]).double()]
         )
     loss_sum, targets = accelerator.reduce(sums, reduction="sum").tolist()
     return loss_sum / targets if targets else None  # an eval set with nothing to score has no loss, not 0

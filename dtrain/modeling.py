@@ -8,10 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dtrain.config import DataConfig, EvalConfig, ModelConfig, UserError
-from dtrain.data import IGNORE_INDEX
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -177,19 +175,6 @@ def attn_implementation(model) -> str | None:
     return getattr(model.config, "_attn_implementation", None)
 
 
-# What a packed batch hands the model besides input_ids (see packing.py); never an attention mask.
-_PACKED_INPUTS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-
-
-def forward_logits(model, batch: dict) -> torch.Tensor:
-    """The forward of every training step and eval loss. No cache (in training it would let packed
-    examples attend to each other, and it is memory for nothing) and no attention mask: batches are
-    right-padded, so under the causal mask no real token sees a pad, and a packed batch is isolated by
-    its position ids. Passing no mask also skips transformers' is-there-padding check, a host sync."""
-    extra = {key: batch[key] for key in _PACKED_INPUTS if key in batch}
-    return model(input_ids=batch["input_ids"], use_cache=False, **extra).logits
-
-
 def flops_per_token(model, num_params: int, seq_len: int) -> float | None:
     """Training FLOPs per token, as torchtitan counts them: 6 x (parameters - input-embedding parameters)
     for the matmuls forward and backward, plus 12 x layers x heads x head_dim x sequence length for
@@ -202,22 +187,3 @@ def flops_per_token(model, num_params: int, seq_len: int) -> float | None:
     head_dim = getattr(c, "head_dim", None) or hidden // heads
     embedding = count_parameters(model.get_input_embeddings())
     return 6 * (num_params - embedding) + 12 * layers * heads * head_dim * seq_len
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over target tokens (labels != -100), in fp32.
-
-    A sum, not a mean: the caller divides by the number of target tokens of the whole
-    accumulation window over all ranks, so every token weighs the same however the tokens fall
-    into micro-batches and ranks.
-    """
-    logits = logits[:, :-1, :].float()
-    targets = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-
-
-def count_targets(labels: torch.Tensor) -> torch.Tensor:
-    """Target tokens in a batch as a device tensor (no host sync)."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum()

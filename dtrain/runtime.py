@@ -37,6 +37,10 @@ def build_accelerator(cfg: Config):
     kwargs = {}
     if cfg.train.mixed_precision is not None:  # null: keep what the launch config says
         kwargs["mixed_precision"] = cfg.train.mixed_precision
+    if cfg.train.compile:  # off: whatever the launch config says (accelerate's --dynamo_backend)
+        from accelerate.utils import TorchDynamoPlugin
+
+        kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", use_regional_compilation=True)
     try:
         accelerator = Accelerator(
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
@@ -426,6 +430,20 @@ def check_fsdp_wrapping(accelerator, model) -> None:
             f"{model_class} does not contain (its layer-like classes: {', '.join(layers) or 'none'}); fix it in "
             "the profile YAML (or env FSDP_TRANSFORMER_CLS_TO_WRAP), or use a ZeRO profile"
         )
+
+
+def compiled_modules(model) -> list[str]:
+    """Classes of the modules torch.compile holds (Accelerate's regional compilation: the decoder layers
+    and the leaf modules around them), for run_info.json."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    names = set()
+    for module in model.modules():
+        if isinstance(module, OptimizedModule):
+            names.add(type(module._orig_mod).__name__)
+        elif getattr(module, "_compiled_call_impl", None) is not None:  # compiled in place (FSDP2, DeepSpeed)
+            names.add(type(module).__name__)
+    return sorted(names)
 
 
 def count_sharded(model) -> str:

@@ -32,16 +32,14 @@ from dtrain.config import Config, UserError, flatten, parse_config
 from dtrain.data import Collator, Data, DataOrder, load_run_data, train_collator, train_loader
 from dtrain.evaluation import report_samples, run_eval, track_best
 from dtrain.export import export_final
+from dtrain.loss import check_chunked_loss, count_targets, forward_logits, forward_loss_sum, use_chunked_loss
 from dtrain.metrics import MetricsLogger, StepStats
 from dtrain.modeling import (
     attn_implementation,
     build_model,
     build_tokenizer,
     count_parameters,
-    count_targets,
     flops_per_token,
-    forward_logits,
-    token_loss_sum,
 )
 from dtrain.optim import build_optimizer, build_scheduler, optimizer_state_row
 from dtrain.packing import check_isolation, probe_rows
@@ -49,6 +47,7 @@ from dtrain.rundir import prepare_output_dir, record_end, resolve_resume, write_
 from dtrain.runtime import (
     build_accelerator,
     check_fsdp_wrapping,
+    compiled_modules,
     count_sharded,
     fsdp_unit_classes,
     quiet_other_ranks,
@@ -157,6 +156,8 @@ def setup(cfg: Config, argv: list[str]) -> Run:
     # Stepped by hand once per optimizer step (fp16-skipped steps excluded), so not prepared; the
     # checkpointer saves it with everything else.
     scheduler = build_scheduler(optimizer, cfg.optim, max_steps)
+    if cfg.train.loss_chunk_size:
+        use_chunked_loss(model, cfg.train.loss_chunk_size)
     check_fsdp_wrapping(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     if accelerator.is_main_process:
@@ -171,9 +172,7 @@ def setup(cfg: Config, argv: list[str]) -> Run:
     device_type, attention = accelerator.device.type, attn_implementation(accelerator.unwrap_model(model))
     collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if device_type == "cuda" else 1)  # eval
     batcher = train_collator(cfg.data, tokenizer.pad_token_id, device_type, attention)
-    if cfg.data.packing:  # prove on the live model that packed examples cannot see each other
-        rows = probe_rows(data.train.examples, len(tokenizer))
-        check_isolation(model, forward_logits, batcher, rows, f"attn_implementation {attention}")
+    check_model_paths(cfg, model, data, batcher, len(tokenizer), attention, accelerator.device)
     run = Run(cfg, accelerator, tokenizer, data, model, optimizer, scheduler, state, checkpointer, logger,
               collator, batcher, max_steps, num_params, stop=StopRequest(accelerator),
               stats=StepStats(accelerator.device), order=DataOrder(len(data.train), cfg.train.seed))  # fmt: skip
@@ -189,6 +188,20 @@ def setup(cfg: Config, argv: list[str]) -> Run:
     return run
 
 
+def check_model_paths(
+    cfg: Config, model, data: Data, batcher, vocab: int, attention: str | None, device
+) -> None:
+    """Before the first step, on the live (wrapped) model: packed examples cannot see each other, and the
+    chunked loss equals the plain one. Every rank runs the same probes (sharded forwards need them all)."""
+    if cfg.data.packing:
+        rows = probe_rows(data.train.examples, vocab)
+        check_isolation(model, forward_logits, batcher, rows, f"attn_implementation {attention}")
+    if cfg.train.loss_chunk_size:
+        probe = [data.train[i] for i in range(min(2, len(data.train)))]
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batcher(probe).items()}
+        check_chunked_loss(model, batch)
+
+
 def record_run(run: Run, argv: list[str], resumed_from: Path | None, changes: list[str]) -> None:
     """config.yaml and run_info.json, the trackers, and the start-up line."""
     acc, cfg, state = run.accelerator, run.cfg, run.state
@@ -196,6 +209,7 @@ def record_run(run: Run, argv: list[str], resumed_from: Path | None, changes: li
         info = run_info(acc, cfg, argv, run.data.stats, run.num_params)
         info["distributed"]["sharded_parameters"] = count_sharded(run.model)
         info["distributed"]["fsdp_units"] = fsdp_unit_classes(run.model)
+        info["compiled_modules"] = compiled_modules(run.model)
         if resumed_from is not None:
             info["resumed_from"] = {
                 "checkpoint": str(resumed_from),
@@ -285,8 +299,7 @@ def train_step(accelerator, model, optimizer, window: list[dict], max_grad_norm:
     grad_norm = None
     for batch in window:
         with accelerator.accumulate(model):
-            logits = forward_logits(model, batch)  # no attention mask, no cache (see forward_logits)
-            batch_loss = token_loss_sum(logits, batch["labels"])
+            batch_loss = forward_loss_sum(model, batch)  # no attention mask, no cache (see loss.py)
             accelerator.backward(batch_loss * scale)
             loss_sum += batch_loss.detach()
             if accelerator.sync_gradients:

@@ -6,11 +6,13 @@ gradients it is asked to apply.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import fresh_accelerator, tiny_llama
 
+from dtrain.config import UserError
 from dtrain.data import IGNORE_INDEX, Collator
-from dtrain.modeling import token_loss_sum
+from dtrain.loss import check_chunked_loss, forward_loss_sum, token_loss_sum, use_chunked_loss
 from dtrain.tasks import build_char_tokenizer
 from dtrain.train import train_step
 
@@ -99,3 +101,57 @@ def test_padding_never_counts():
             padded["labels"],
         )
     assert abs(a.item() - b.item()) < 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# The chunked loss (--train.loss_chunk_size)
+# --------------------------------------------------------------------------------------------
+
+
+def _llama(tok, tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_chunked_loss_and_gradients_equal_the_plain_ones(tied, chunk):
+    tok = build_char_tokenizer()
+    batch = Collator(tok.pad_token_id)(_examples(tok))
+    plain_model, chunked_model = _llama(tok, tied), _llama(tok, tied)
+    use_chunked_loss(chunked_model, chunk)
+    plain = forward_loss_sum(plain_model, batch)
+    chunked = forward_loss_sum(chunked_model, batch)
+    assert chunked.dim() == 0
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
+    plain.backward()
+    chunked.backward()
+    for (name, a), b in zip(plain_model.named_parameters(), chunked_model.parameters(), strict=True):
+        # summed in another order: equal up to float rounding, relative to the tensor's largest entry
+        assert (b.grad - a.grad).abs().max() <= 1e-6 * a.grad.abs().max(), name
+    # generation and any forward without labels still get logits
+    logits = chunked_model(input_ids=batch["input_ids"]).logits
+    assert logits.shape == (*batch["input_ids"].shape, chunked_model.config.vocab_size)
+
+
+def test_a_model_that_changes_its_logits_after_the_head_is_refused():
+    """Gemma 2 soft-caps its logits after the head: chunking inside the head would skip that."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                          final_logit_softcapping=2.0)  # fmt: skip
+    model = Gemma2ForCausalLM(config)
+    use_chunked_loss(model, 8)
+    batch = Collator(tok.pad_token_id)(_examples(tok, 2))
+    with pytest.raises(UserError, match=r"--train.loss_chunk_size: the chunked loss of this model"):
+        check_chunked_loss(model, batch)
+    llama = _llama(tok, tied=True)
+    use_chunked_loss(llama, 8)
+    check_chunked_loss(llama, batch)  # passes where the head's output is the logits

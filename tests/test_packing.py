@@ -30,7 +30,7 @@ from conftest import (
 
 from dtrain.config import UserError
 from dtrain.data import IGNORE_INDEX, Collator
-from dtrain.modeling import forward_logits, token_loss_sum
+from dtrain.loss import forward_logits, token_loss_sum
 from dtrain.packing import PackedCollator, best_fit_decreasing, check_isolation, probe_rows
 
 

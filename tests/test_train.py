@@ -210,6 +210,22 @@ def test_gradient_accumulation_bf16_and_unclipped_norm(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best", "step-00000004"]
 
 
+@pytest.mark.slow
+def test_compile_trains_the_same_losses(tmp_path):
+    """--train.compile: Accelerate's regional compilation of the decoder layers (inductor, CPU here; about
+    a minute to compile on 2 cores). The losses are those of the eager model, to rounding."""
+    shape = [*TINY, "--train.max_steps", "3", "--eval.steps", "0", "--eval.num_generate", "0",
+             "--checkpoint.save_steps", "0"]  # fmt: skip
+    assert_ok(run_train([*shape, "--output_dir", str(tmp_path / "eager")]))
+    assert_ok(run_train([*shape, "--output_dir", str(tmp_path / "compiled"), "--train.compile", "true"]))
+    info = json.loads((tmp_path / "compiled" / "run_info.json").read_text())
+    assert "LlamaDecoderLayer" in info["compiled_modules"]
+    assert json.loads((tmp_path / "eager" / "run_info.json").read_text())["compiled_modules"] == []
+    eager = [r["loss"] for r in train_rows(tmp_path / "eager")]
+    compiled = [r["loss"] for r in train_rows(tmp_path / "compiled")]
+    assert compiled == pytest.approx(eager, rel=1e-5)
+
+
 def test_early_stopping(tmp_path):
     out = tmp_path / "run"
     proc = run_train(
