@@ -43,7 +43,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the weights are loaded in. Keep float32 with mixed precision (fp32 master weights)."""
     attn_implementation: str | None = None
-    """Attention kernel (sdpa, eager, flash_attention_2); null lets transformers choose."""
+    """Attention kernel: sdpa, eager, flash_attention_2, flash_attention_3 or a kernels hub id (when
+    installed); null lets transformers choose (sdpa where the model supports it)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: ~30% slower, far less activation memory."""
     resize_embeddings: bool = False
