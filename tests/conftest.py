@@ -241,3 +241,31 @@ def save_pretrained_dir(path: Path, family: str, tokenizer, seed: int = 0, **con
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Templates and data: a multi-turn conversation and the embedded character tokenizer
+# --------------------------------------------------------------------------------------------
+
+CONVERSATION = [
+    {"role": "system", "content": "SYSTEMTEXT"},
+    {"role": "user", "content": "hello there"},
+    {"role": "assistant", "content": "FIRST REPLY"},
+    {"role": "user", "content": "again please"},
+    {"role": "assistant", "content": "SECOND REPLY"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The embedded character tokenizer (test modules with another tokenizer define their own `tok`)."""
+    from dtrain.tasks import build_char_tokenizer
+
+    return build_char_tokenizer()
+
+
+def trained(encoded: dict) -> list[int]:
+    """The label ids an encoded example trains on."""
+    from dtrain.templates import IGNORE_INDEX
+
+    return [t for t in encoded["labels"] if t != IGNORE_INDEX]

@@ -21,30 +21,12 @@ from dtrain.data import (
     rank_shard,
     tokenize,
 )
-from dtrain.tasks import build_char_tokenizer
 
 ROWS = [
     {"instruction": "Reverse the letters.", "input": "abc", "output": "cba"},
     {"instruction": "Sort the letters.", "input": "dcba", "output": "abcd"},
     {"instruction": "Write it in capitals.", "input": "hey", "output": "HEY"},
 ]
-
-CONVERSATION = [
-    {"role": "system", "content": "SYSTEMTEXT"},
-    {"role": "user", "content": "hello there"},
-    {"role": "assistant", "content": "FIRST REPLY"},
-    {"role": "user", "content": "again please"},
-    {"role": "assistant", "content": "SECOND REPLY"},
-]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_char_tokenizer()
-
-
-def trained(encoded: dict) -> list[int]:
-    return [t for t in encoded["labels"] if t != IGNORE_INDEX]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

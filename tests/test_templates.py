@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
+from conftest import CONVERSATION, trained
 
 from dtrain.config import DataConfig
-from dtrain.tasks import build_char_tokenizer
 from dtrain.templates import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
@@ -18,23 +18,6 @@ from dtrain.templates import (
 )
 
 ROWS = [{"instruction": "Reverse the letters.", "input": "abc", "output": "cba"}]
-
-CONVERSATION = [
-    {"role": "system", "content": "SYSTEMTEXT"},
-    {"role": "user", "content": "hello there"},
-    {"role": "assistant", "content": "FIRST REPLY"},
-    {"role": "user", "content": "again please"},
-    {"role": "assistant", "content": "SECOND REPLY"},
-]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_char_tokenizer()
-
-
-def trained(encoded: dict) -> list[int]:
-    return [t for t in encoded["labels"] if t != IGNORE_INDEX]
 
 
 # --------------------------------------------------------------------------------------------
