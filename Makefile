@@ -5,9 +5,9 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,deepspeed,bnb,torchao,trackers
+EXTRAS ?= dev,deepspeed,bnb,torchao,trackers,bench
 
-.PHONY: train test lint venv clean
+.PHONY: train test lint venv clean bench
 
 $(VENV)/.stamp-base: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,9 @@ train: $(VENV)/.stamp-base  ## the embedded default run (no network, ~3 min on 2
 
 test: $(VENV)/.stamp-dev  ## the whole suite, multi-process cases included
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(VENV)/.stamp-dev  ## dtrain beside Trainer and minimal loops, one run (bench/run.py; ARGS=--quick or --gpu)
+	$(PY) bench/run.py $(ARGS)
 
 lint: $(VENV)/.stamp-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
