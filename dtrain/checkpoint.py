@@ -121,7 +121,8 @@ def verify(path: Path) -> str | None:
 # Settings that do not change the training trajectory. Everything else does (model, data, seed,
 # optimizer, schedule, precision, clipping) and stops a resume unless --checkpoint.allow_config_change.
 HARMLESS = ("log.", "eval.", "checkpoint.", "output_dir", "overwrite_output_dir", "data.num_workers",
-            "model.gradient_checkpointing", "model.attn_implementation")  # fmt: skip
+            "model.gradient_checkpointing", "model.attn_implementation", "train.compile",
+            "train.loss_chunk_size")  # fmt: skip
 # The batch is compared as one number: 2 processes x 4 and 1 process x 8 are the same training.
 BATCH_KEYS = ("train.per_device_batch_size", "train.gradient_accumulation_steps")
 
@@ -130,12 +131,12 @@ def compare_configs(
     saved: dict, marker: dict, cfg: Config, world_size: int, precision: str
 ) -> tuple[list, list]:
     """(breaking, harmless) differences between a checkpoint's run and this one, as 'key a -> b' strings."""
-    old, new = flatten(saved), flatten(cfg)
+    old, new, defaults = flatten(saved), flatten(cfg), flatten(Config())
     breaking, harmless = [], []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
-        if a == b:
-            continue
+        if a == b or (key not in old and b == defaults.get(key)):
+            continue  # a setting newer than the checkpoint, left at its default: what that run did
         change = f"{key} {a} -> {b}"
         if key in BATCH_KEYS:
             harmless.append(change)

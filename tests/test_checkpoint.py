@@ -283,6 +283,23 @@ def test_harmless_changes_are_allowed_and_logged(straight, tmp_path):
     assert losses(run)[10] == pytest.approx(losses(straight)[10], rel=0.05)  # same data, near-same schedule
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default():
+    """A checkpoint written by an older dtrain has no data.packing, train.compile or train.loss_chunk_size:
+    left at their defaults they are what that run did; packing turned on changes the data order."""
+    from dtrain.checkpoint import compare_configs
+    from dtrain.config import Config
+
+    older = Config().to_dict()
+    for section, key in (("data", "packing"), ("train", "compile"), ("train", "loss_chunk_size")):
+        del older[section][key]
+    marker = {"global_batch": 32, "world_size": 1}
+    assert compare_configs(older, marker, Config(), 1, "no") == ([], [])
+    packed = Config()
+    packed.data.packing, packed.train.compile = True, True
+    breaking, harmless = compare_configs(older, marker, packed, 1, "no")
+    assert breaking == ["data.packing None -> True"] and harmless == ["train.compile None -> True"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Export
 # ------------------------------------------------------------------------------------------------
