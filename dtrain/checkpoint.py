@@ -214,6 +214,27 @@ def check_continuity(path: Path, cfg: Config, accelerator) -> list[str]:
     return breaking + harmless
 
 
+def check_model_identity(path: Path, identity: dict, cfg: Config) -> None:
+    """Refuse, before loading anything from it, a checkpoint written for another model than the one this
+    run built (the directory behind --model.name_or_path now holds another model, or another size)."""
+    saved = read_marker(path).get("model")
+    if not saved or saved == identity:
+        return  # a checkpoint from before the marker recorded the model: the config check stands alone
+
+    def what(m):
+        return f"{m['architecture']} with {m['vocab_size']} embedding rows and {m['parameters']:,} parameters"
+
+    names = "" if saved["names_sha256"] != identity["names_sha256"] else " (same parameter names)"
+    source = (
+        f"--model.name_or_path '{cfg.model.name_or_path}'" if cfg.model.name_or_path else "the embedded model"
+    )
+    raise CheckpointError(
+        f"checkpoint {path} holds a {what(saved)}, but {source} is a {what(identity)}{names}; point "
+        "--model.name_or_path at the model that run trained, or start fresh with --checkpoint.resume never "
+        "or another --output_dir"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Saving and loading
 # --------------------------------------------------------------------------------------------
@@ -352,7 +373,17 @@ def _why(error: BaseException | None, root: Path, previous: list[Path]) -> str:
 class Checkpointer:
     """Saves and loads everything a run needs to continue exactly. Every rank calls save and load."""
 
-    def __init__(self, accelerator, cfg: Config, model, optimizer, scheduler, state: TrainState, tokenizer):
+    def __init__(
+        self,
+        accelerator,
+        cfg: Config,
+        model,
+        optimizer,
+        scheduler,
+        state: TrainState,
+        tokenizer,
+        identity: dict | None = None,
+    ):
         self.acc = accelerator
         self.root = Path(cfg.output_dir) / "checkpoints"
         self.ckpt_cfg = cfg.checkpoint
@@ -364,6 +395,7 @@ class Checkpointer:
         )
         self.model, self.optimizer, self.scheduler, self.state = model, optimizer, scheduler, state
         self.tokenizer = tokenizer
+        self.identity = identity  # modeling.model_identity of the model before wrapping
         self.deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
 
     # -- save ----------------------------------------------------------------------------------
@@ -475,6 +507,7 @@ class Checkpointer:
             "mixed_precision": acc.mixed_precision,
             "global_batch": self.global_batch,
             "config_sha256": config_hash(self.config_yaml),
+            "model": self.identity,
             "eval": {"metric": self.metric, "value": s.last_eval_metric}
             if s.last_eval_step == s.step
             else None,

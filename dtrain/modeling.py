@@ -170,6 +170,27 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters())
 
 
+_WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "module.")
+
+
+def model_identity(model) -> dict:
+    """What makes a checkpoint's weights this model's: class, vocabulary rows, parameter count, and a hash
+    of every parameter's name and shape (wrapper prefixes removed; ZeRO-3's `ds_shape`), for the marker."""
+    import hashlib
+
+    lines = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        for part in _WRAPPER_PARTS:
+            name = name.replace(part, "")
+        lines.append(f"{name} {tuple(getattr(p, 'ds_shape', p.shape))}")
+    return {
+        "architecture": type(model).__name__,
+        "vocab_size": model.get_input_embeddings().num_embeddings,
+        "parameters": count_parameters(model),
+        "names_sha256": hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest(),
+    }
+
+
 def attn_implementation(model) -> str | None:
     """The attention kernel the model really uses (transformers may pick it when none was asked for)."""
     return getattr(model.config, "_attn_implementation", None)

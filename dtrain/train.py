@@ -27,7 +27,7 @@ if __package__ in (
 
 import torch
 
-from dtrain.checkpoint import Checkpointer, TrainState, check_continuity
+from dtrain.checkpoint import Checkpointer, TrainState, check_continuity, check_model_identity
 from dtrain.config import Config, UserError, flatten, parse_config
 from dtrain.data import Collator, Data, DataOrder, load_run_data, train_collator, train_loader
 from dtrain.evaluation import report_samples, run_eval, track_best
@@ -38,8 +38,8 @@ from dtrain.modeling import (
     attn_implementation,
     build_model,
     build_tokenizer,
-    count_parameters,
     flops_per_token,
+    model_identity,
 )
 from dtrain.optim import build_optimizer, build_scheduler, optimizer_state_row
 from dtrain.packing import check_isolation, probe_rows
@@ -149,7 +149,10 @@ def setup(cfg: Config, argv: list[str]) -> Run:
     tokenizer = build_tokenizer(cfg.model)
     data = load_run_data(cfg, tokenizer, accelerator)
     model = build_model(cfg.model, tokenizer, cfg.data, cfg.eval, data.stats["longest_example"])
-    num_params = count_parameters(model)
+    identity = model_identity(model)
+    if plan.path is not None:  # a checkpoint of another model is refused before anything is read from it
+        check_model_identity(plan.path, identity, cfg)
+    num_params = identity["parameters"]
     flops = flops_per_token(model, num_params, cfg.data.max_length)  # for MFU on CUDA
     max_steps = total_steps(cfg, len(data.train), accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.optim, accelerator.device)
@@ -166,14 +169,14 @@ def setup(cfg: Config, argv: list[str]) -> Run:
     accelerator.wait_for_everyone()
 
     state = TrainState()
-    checkpointer = Checkpointer(accelerator, cfg, model, optimizer, scheduler, state, tokenizer)
+    checkpointer = Checkpointer(accelerator, cfg, model, optimizer, scheduler, state, tokenizer, identity)
     if plan.path is not None:
         checkpointer.load(plan.path)
     logger = MetricsLogger(accelerator, out, max_steps, state.step, cfg.log.progress_bar, flops)
     device_type = accelerator.device.type
     collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if device_type == "cuda" else 1)  # eval
     batcher = train_collator(cfg.data, tokenizer.pad_token_id, device_type, attention)
-    check_model_paths(cfg, model, data, batcher, len(tokenizer), attention, accelerator.device)
+    check_fast_paths(cfg, model, data, batcher, len(tokenizer), attention, accelerator.device)
     run = Run(cfg, accelerator, tokenizer, data, model, optimizer, scheduler, state, checkpointer, logger,
               collator, batcher, max_steps, num_params, stop=StopRequest(accelerator),
               stats=StepStats(accelerator.device), order=DataOrder(len(data.train), cfg.train.seed))  # fmt: skip
@@ -189,7 +192,7 @@ def setup(cfg: Config, argv: list[str]) -> Run:
     return run
 
 
-def check_model_paths(
+def check_fast_paths(
     cfg: Config, model, data: Data, batcher, vocab: int, attention: str | None, device
 ) -> None:
     """Before the first step, on the live (wrapped) model: packed examples cannot see each other, and the

@@ -300,6 +300,44 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default():
     assert breaking == ["data.packing None -> True"] and harmless == ["train.compile None -> True"]
 
 
+def _llama_dir(path: Path, hidden: int) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dtrain.tasks import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id)  # fmt: skip
+    if path.exists():
+        shutil.rmtree(path)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_it_is_read(tmp_path):
+    """The directory behind --model.name_or_path now holds another model (same path, same config.yaml):
+    the marker's model identity tells them apart before any weight is read."""
+    model = _llama_dir(tmp_path / "model", hidden=32)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "Echo.", "input": w, "output": w}) + "\n"
+                            for w in ("apple", "pear", "plum", "fig", "lime", "kiwi") * 4))  # fmt: skip
+    run = tmp_path / "run"
+    args = ["--model.name_or_path", str(model), "--data.path", str(data), "--data.template", "alpaca",
+            "--output_dir", str(run), "--train.max_steps", "4", "--checkpoint.save_steps", "2",
+            "--train.per_device_batch_size", "2", "--eval.num_generate", "0", "--log.progress_bar", "false"]  # fmt: skip
+    assert_ok(run_train([*args, "--train.max_steps", "2"]))  # stops at step 2 with a checkpoint
+    marker = json.loads((run / "checkpoints" / "step-00000002" / "dtrain_checkpoint.json").read_text())
+    assert marker["model"]["architecture"] == "LlamaForCausalLM" and marker["model"]["parameters"] > 0
+    _llama_dir(model, hidden=48)  # replaced in place
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc = run_train([*args, "--train.max_steps", "4", "--checkpoint.allow_config_change", "true"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "holds a LlamaForCausalLM with" in line and "--model.name_or_path" in line, line
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing touched
+
+
 # ------------------------------------------------------------------------------------------------
 # Export
 # ------------------------------------------------------------------------------------------------
