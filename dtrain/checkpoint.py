@@ -268,11 +268,14 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def _rng_state() -> dict:
+    """Tensors, ints and tuples only, so the file loads with `torch.load(weights_only=True)`: numpy's key
+    array travels as an int64 tensor."""
     import numpy as np
 
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -282,7 +285,8 @@ def _set_rng_state(state: dict) -> None:
     import numpy as np
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -517,6 +521,22 @@ class Checkpointer:
 
     # -- load ----------------------------------------------------------------------------------
 
+    def _load_rng(self, path: Path) -> dict:
+        """The RNG file with weights_only=True. A file from before it held tensors only (numpy arrays,
+        pickled) is read with pickle only from this run's own checkpoints directory, where dtrain wrote
+        it; never from a checkpoint elsewhere (--checkpoint.resume PATH), which could run code."""
+        import pickle
+
+        try:
+            return torch.load(path, weights_only=True)
+        except pickle.UnpicklingError:
+            if not path.resolve().is_relative_to(self.root.resolve()):
+                raise CheckpointError(
+                    f"{path} needs pickle to load (an RNG file from an older dtrain) and is outside this run's "
+                    f"{self.root}; copy the checkpoint into {self.root} to trust it, or resume without it"
+                ) from None
+            return torch.load(path, weights_only=False)  # dtrain's own file in the run's own directory
+
     def load(self, path: Path) -> None:
         acc = self.acc
         if self.deepspeed:
@@ -554,5 +574,5 @@ class Checkpointer:
             acc.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
         rng = path / "rng" / f"rank-{acc.process_index:05d}.pt"
         if rng.is_file():  # absent when resuming on more processes than saved: only dropout is affected
-            _set_rng_state(torch.load(rng, weights_only=False))  # our own file: numpy state needs pickle
+            _set_rng_state(self._load_rng(rng))
         self.state.load_state_dict(json.loads((path / "train_state.json").read_text()))

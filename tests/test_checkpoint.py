@@ -300,6 +300,28 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default():
     assert breaking == ["data.packing None -> True"] and harmless == ["train.compile None -> True"]
 
 
+def test_rng_file_loads_without_pickle_and_restores_every_generator(tmp_path):
+    import random
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from dtrain.checkpoint import CheckpointError, _rng_state, _set_rng_state
+
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    torch.save(_rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    _set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))  # no pickle needed
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    # an older RNG file (numpy arrays pickled) is read only from the run's own checkpoints directory
+    old = tmp_path / "elsewhere" / "rng.pt"
+    old.parent.mkdir()
+    torch.save({"numpy": np.random.get_state()}, old)
+    with pytest.raises(CheckpointError, match="needs pickle to load"):
+        Checkpointer._load_rng(SimpleNamespace(root=tmp_path / "run" / "checkpoints"), old)
+    assert "numpy" in Checkpointer._load_rng(SimpleNamespace(root=tmp_path / "elsewhere"), old)
+
+
 def _llama_dir(path: Path, hidden: int) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
