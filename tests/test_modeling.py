@@ -68,22 +68,15 @@ def test_max_length_beyond_the_model_positions_is_refused(dirs):
     assert "--data.max_length 256 or less" in msg
     # the limit itself is fine, and so is a larger max_length while no example reaches the limit
     _build(ModelConfig(name_or_path=str(dirs["model"])), DataConfig(max_length=256))
-    tok = build_tokenizer(ModelConfig(name_or_path=str(dirs["model"])))
-    build_model(
-        ModelConfig(name_or_path=str(dirs["model"])),
-        tok,
-        DataConfig(max_length=512),
-        EvalConfig(),
-        longest=200,
-    )
+    model_cfg = ModelConfig(name_or_path=str(dirs["model"]))
+    tok = build_tokenizer(model_cfg)
+
+    def with_longest(longest: int):
+        return build_model(model_cfg, tok, DataConfig(max_length=512), EvalConfig(), longest=longest)
+
+    with_longest(200)
     with pytest.raises(UserError, match="the longest example has 300 tokens"):
-        build_model(
-            ModelConfig(name_or_path=str(dirs["model"])),
-            tok,
-            DataConfig(max_length=512),
-            EvalConfig(),
-            longest=300,
-        )
+        with_longest(300)
 
 
 def test_embedded_model_always_fits():
