@@ -144,7 +144,7 @@ def main(argv: list[str]) -> int:
     batches = run.train_batches()
     for _ in range(2):  # the second step: optimizer state exists, every buffer is in its steady state
         window = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
-        take_step(run, window, want_norm=True)
+        take_step(run, window)
 
     ledger = Ledger()
     ledger.claim("params", param_tensors(run.model))

@@ -27,7 +27,7 @@ import random
 import shutil
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -66,6 +66,10 @@ class TrainState:
     evals_without_improvement: int = 0
     skipped_steps: int = 0  # fp16 steps skipped by the grad scaler
     empty_steps: int = 0  # steps whose window had no target token on any rank (skipped, see train.take_step)
+    nonfinite_steps: int = 0  # steps whose loss or gradient norm was NaN/Inf on some rank (dtrain.guards)
+    nonfinite_in_a_row: int = 0  # the current streak of them (skip stops the run at max_nonfinite_steps)
+    rollbacks: int = 0  # reloads of the newest checkpoint after a fault, since a checkpoint was last saved
+    skip_windows: list[int] = field(default_factory=list)  # data positions of windows a rollback skips
     early_stopped: bool = False
 
     def state_dict(self) -> dict:
@@ -122,7 +126,8 @@ def verify(path: Path) -> str | None:
 # optimizer, schedule, precision, clipping) and stops a resume unless --checkpoint.allow_config_change.
 HARMLESS = ("log.", "eval.", "checkpoint.", "output_dir", "overwrite_output_dir", "data.num_workers",
             "model.gradient_checkpointing", "model.attn_implementation", "train.compile",
-            "train.loss_chunk_size")  # fmt: skip
+            "train.loss_chunk_size", "train.nonfinite", "train.max_nonfinite_steps",
+            "train.collective_timeout_s")  # fmt: skip
 # The batch is compared as one number: 2 processes x 4 and 1 process x 8 are the same training.
 BATCH_KEYS = ("train.per_device_batch_size", "train.gradient_accumulation_steps")
 

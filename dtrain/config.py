@@ -118,6 +118,17 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model through Accelerate: its repeated decoder layers compiled once and reused
     (regional compilation), so start-up costs one layer's compile, not the whole model's."""
+    nonfinite: Literal["skip", "halt", "rollback"] = "skip"
+    """A step whose loss or gradient norm is NaN/Inf on any rank (agreed by all): skip = drop the update on
+    every rank (no parameter, optimizer, schedule or scaler change) and go on; halt = stop at once (exit
+    code 65), the newest checkpoint being the resume point; rollback = reload the newest checkpoint and
+    go on past the window that faulted."""
+    max_nonfinite_steps: int = 10
+    """skip: stop (exit code 65) after this many non-finite steps in a row; rollback: after this many
+    rollbacks in the run."""
+    collective_timeout_s: int = 1800
+    """How long a rank waits in a collective (all-reduce, barrier) for the others before giving up with
+    exit code 69: a rank that died or hung ends the job instead of holding every GPU forever."""
 
 
 @dataclass
@@ -527,6 +538,8 @@ def validate(cfg: Config) -> list[str]:
     positive("train.num_epochs", t.num_epochs)
     positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
     positive("train.loss_chunk_size", t.loss_chunk_size, allow_zero=True)
+    positive("train.max_nonfinite_steps", t.max_nonfinite_steps)
+    positive("train.collective_timeout_s", t.collective_timeout_s)
     positive("data.max_length", d.max_length)
     positive("data.num_workers", d.num_workers, allow_zero=True)
     positive("data.synthetic_train_examples", d.synthetic_train_examples)

@@ -30,6 +30,10 @@ class StepStats:
         self.sums += torch.stack([loss_sum.double(), targets.double(), tokens.double()])
         self.positions += positions
 
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.positions = 0
+
     def pop(self, accelerator) -> dict:
         """Gather every rank's sums and peak memory and copy them to the host (the one sync per log
         interval), then reset. Returns the sums over ranks and `peak_memory` (bytes, one per rank)."""
@@ -38,8 +42,7 @@ class StepStats:
         per_rank = accelerator.gather(torch.cat([self.sums, host])).view(accelerator.num_processes, -1)
         totals = per_rank[:, :-1].sum(0).tolist()
         peaks = per_rank[:, -1].tolist()
-        self.sums.zero_()
-        self.positions = 0
+        self.reset()
         return {**dict(zip((*self.FIELDS, "positions"), totals, strict=True)), "peak_memory": peaks}
 
 
@@ -106,14 +109,24 @@ class MetricsLogger:
                 total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
             )
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop rows logged after the checkpoint; the resumed run logs them again."""
+    def truncate_after(self, step: int, keep_faults: bool = False) -> None:
+        """On resume: drop rows logged after the checkpoint; the resumed run logs them again. A rollback
+        keeps the rows recording the fault (`nonfinite`): the window is stepped over, so never logged again."""
         if not self.main or not self.path.exists():
             return
-        rows = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
+        rows = [line for line in self.path.read_text().splitlines()
+                if _step_of(line) <= step or (keep_faults and '"nonfinite": true' in line)]  # fmt: skip
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(r + "\n" for r in rows))
         tmp.replace(self.path)
+
+    def rewind(self, step: int) -> None:
+        """After a rollback to `step`: the rows after it will be logged again."""
+        self.truncate_after(step, keep_faults=True)
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+        self.restart_clock()
 
     def train_row(
         self,

@@ -22,11 +22,13 @@ def build_accelerator(cfg: Config):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-    handlers = []
+    # A rank that died or hung must not hold the others in a collective forever (guards.py)
+    group = {"timeout": _dt.timedelta(seconds=cfg.train.collective_timeout_s)}
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # CPU ranks talk over gloo. Without this DeepSpeed on CPU computes a world size that
         # disagrees with Accelerate's and fails its batch-size check.
-        handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=_dt.timedelta(minutes=30)))
+        group["backend"] = "gloo"
+    handlers = [InitProcessGroupKwargs(**group)]
     report_to = None if cfg.log.report_to == "none" else cfg.log.report_to
     # A tracker that is not installed: Accelerate would only warn and log nothing.
     if report_to and importlib.util.find_spec(report_to) is None:
@@ -202,6 +204,16 @@ def configure_deepspeed(accelerator, cfg: Config) -> None:
             cfg.train.gradient_accumulation_steps,
         ),
     }
+    # guards.py relies on the engine's own check of the gradient norm: refuse the settings that turn it off
+    if cfg.train.mixed_precision != "fp16" and accelerator.mixed_precision != "fp16":
+        off = [k for k, v in (("bf16.check_grad_overflow", ds.get("bf16", {}).get("check_grad_overflow")),
+                              ("zero_optimization.compute_grad_norm",
+                               ds.get("zero_optimization", {}).get("compute_grad_norm"))) if v is False]  # fmt: skip
+        if off:
+            raise UserError(
+                f"the DeepSpeed config sets {off[0]}=false, so DeepSpeed would apply a NaN/Inf gradient instead "
+                "of skipping the step; remove it from the JSON (dtrain's --train.nonfinite relies on it)"
+            )
     for key, (flag, value) in wanted.items():
         current = ds.get(key, "auto")
         if current == "auto":

@@ -24,13 +24,16 @@ STOP_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, a checkpoint saved; reru
 class StopRequest:
     """The stop flag of this rank and the agreement between ranks. Every rank builds one (collectively)."""
 
-    def __init__(self, accelerator):
+    def __init__(self, accelerator, timeout_s: float = 1800):
         self.signum = 0  # the first stop signal received by this rank
         self._group, self._work, self._vote = None, None, None
         if accelerator.num_processes > 1:
+            import datetime
+
             import torch.distributed as dist
 
-            self._group = dist.new_group(backend="gloo")  # CPU: agreeing never waits on a device
+            # CPU: agreeing never waits on a device. The timeout is the run's (a new group's is its own).
+            self._group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
 
     def _handle(self, signum, _frame) -> None:

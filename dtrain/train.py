@@ -27,11 +27,18 @@ if __package__ in (
 
 import torch
 
-from dtrain.checkpoint import Checkpointer, TrainState, check_continuity, check_model_identity
+from dtrain.checkpoint import (
+    Checkpointer,
+    TrainState,
+    check_continuity,
+    check_model_identity,
+    complete_checkpoints,
+)
 from dtrain.config import Config, UserError, flatten, parse_config
 from dtrain.data import Collator, Data, DataOrder, load_run_data, train_collator, train_loader
 from dtrain.evaluation import report_samples, run_eval, track_best
 from dtrain.export import export_final
+from dtrain.guards import NONFINITE_EXIT_CODE, RANK_LOST_EXIT_CODE, NonfiniteGuard, RunHalted, is_lost_rank
 from dtrain.loss import check_chunked_loss, count_targets, forward_logits, forward_loss_sum, use_chunked_loss
 from dtrain.metrics import MetricsLogger, StepStats
 from dtrain.modeling import (
@@ -62,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     run = setup(cfg, argv)  # accelerator, tokenizer, data, model, optimizer, schedule, resume
     if run.already_complete:
         return 0
-    state, accumulation = run.state, cfg.train.gradient_accumulation_steps
-    batches = run.train_batches()
+    state = run.state
     if cfg.eval.at_start and state.step == 0:
         evaluate(run, step=0)  # the untrained baseline
     run.model.train()
@@ -71,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     requested = None
     while state.step < run.max_steps and not state.early_stopped and not requested:
         plan = StepPlan.at(state.step + 1, cfg, run.max_steps)
-        window = [next(batches) for _ in range(accumulation)]  # data window
-        grad_norm = take_step(run, window, want_norm=plan.log)  # step
+        window = run.next_window()  # data window
+        grad_norm = take_step(run, window)  # step (one that is not finite on some rank is never applied)
+        if run.rollback_from is not None:
+            roll_back(run)  # --train.nonfinite rollback: back to the newest checkpoint, past this window
+            continue
         if plan.log:
             log_train(run, grad_norm)  # log
         stop = plan.eval and evaluate(run, state.step)  # eval (early stopping decides here)
@@ -114,6 +123,9 @@ class Run:
     num_params: int
     already_complete: bool = False
     stop: StopRequest | None = None  # signals turned into a stop every rank agrees on
+    guard: NonfiniteGuard | None = None  # the agreed verdict on non-finite steps
+    rollback_from: int | None = None  # the data position of a window that faulted, under nonfinite=rollback
+    batches: object = None  # this rank's micro-batch stream (restarted after a rollback)
     stats: StepStats | None = None
     order: DataOrder | None = None  # the data order, to see which windows have a target token
     lr: object = None  # the learning rate the last step used (read before the schedule moves it)
@@ -124,6 +136,12 @@ class Run:
     def global_batch(self) -> int:
         t = self.cfg.train
         return t.per_device_batch_size * t.gradient_accumulation_steps * self.accelerator.num_processes
+
+    def next_window(self) -> list[dict]:
+        """The next accumulation window of this rank's micro-batches."""
+        if self.batches is None:
+            self.batches = self.train_batches()
+        return [next(self.batches) for _ in range(self.cfg.train.gradient_accumulation_steps)]
 
     def train_batches(self):
         """This rank's micro-batches from the current data position on."""
@@ -178,7 +196,8 @@ def setup(cfg: Config, argv: list[str]) -> Run:
     batcher = train_collator(cfg.data, tokenizer.pad_token_id, device_type, attention)
     check_fast_paths(cfg, model, data, batcher, len(tokenizer), attention, accelerator.device)
     run = Run(cfg, accelerator, tokenizer, data, model, optimizer, scheduler, state, checkpointer, logger,
-              collator, batcher, max_steps, num_params, stop=StopRequest(accelerator),
+              collator, batcher, max_steps, num_params, stop=StopRequest(accelerator, cfg.train.collective_timeout_s),
+              guard=NonfiniteGuard(accelerator),
               stats=StepStats(accelerator.device), order=DataOrder(len(data.train), cfg.train.seed))  # fmt: skip
     if plan.path is not None:
         finished = state.step >= max_steps or state.early_stopped
@@ -263,57 +282,154 @@ class StepPlan:
         return cls(log=log, eval=is_eval and not last, save=is_save and not last)
 
 
-def take_step(run: Run, window: list[dict], want_norm: bool):
+def take_step(run: Run, window: list[dict]):
     """One optimizer step over the window and the bookkeeping around it; returns the gradient norm (a
-    device tensor, or None when not measured). A window without a single target token on any rank (every
-    example's response truncated away) is skipped on every rank alike: nothing to learn, so no update,
-    counted as `empty_steps`. Every rank knows that from the data order alone, without a sync."""
+    device tensor, or None when nothing was trained). A window without a single target token on any rank
+    (every example's response truncated away) is skipped on every rank alike: nothing to learn, so no
+    update, counted as `empty_steps`; every rank knows that from the data order alone, without a sync. So
+    is a window a rollback steps over. A step whose loss or gradient norm is not finite on some rank is
+    never applied (guards.py): `on_nonfinite` then skips it, halts, or asks for a rollback."""
     state, acc = run.state, run.accelerator
     run.lr = run.optimizer.param_groups[0]["lr"]  # a tensor for some optimizers (torchao): read when logging
     grad_norm = None
-    if run.data.window_has_targets(run.order, state.samples_seen, run.global_batch):
-        loss_sum, targets, tokens, positions, grad_norm = train_step(
-            acc, run.model, run.optimizer, window, run.cfg.train.max_grad_norm, want_norm
-        )
-        run.stats.add(loss_sum, targets, tokens, positions)
-        if acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the update
-            state.skipped_steps += 1
-        else:
-            run.scheduler.step()
-    else:
+    if state.samples_seen in state.skip_windows:
+        pass  # faulted before a rollback: stepped over
+    elif not run.data.window_has_targets(run.order, state.samples_seen, run.global_batch):
         state.empty_steps += 1
+    else:
+        step = train_step(acc, run.model, run.optimizer, window, run.cfg.train.max_grad_norm, run.guard)
+        grad_norm = step.grad_norm
+        if step.nonfinite:
+            on_nonfinite(run)
+        else:
+            state.nonfinite_in_a_row = 0
+            run.stats.add(step.loss_sum, step.targets, step.tokens, step.positions)
+            if acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the update
+                state.skipped_steps += 1
+            else:
+                run.scheduler.step()
     state.step, state.samples_seen = state.step + 1, state.samples_seen + run.global_batch
     state.epoch = state.samples_seen / len(run.data.train)
     run.logger.advance()
     return grad_norm
 
 
-def train_step(accelerator, model, optimizer, window: list[dict], max_grad_norm: float, want_norm: bool):
+@dataclass
+class StepResult:
+    loss_sum: torch.Tensor  # device tensors: summed over the window on this rank
+    targets: torch.Tensor
+    tokens: torch.Tensor
+    positions: int
+    grad_norm: object  # before clipping: a device tensor (a float under DeepSpeed)
+    nonfinite: bool  # agreed by every rank: the update was not applied
+
+
+def train_step(accelerator, model, optimizer, window: list[dict], max_grad_norm: float, guard) -> StepResult:
     """One optimizer step over an accumulation window of micro-batches.
 
     The loss is the token-sum over the window divided by the number of target tokens in the whole
     window over all ranks (one all-reduce, no host sync). Accelerate divides by the accumulation
-    steps and DDP/FSDP/ZeRO average over ranks, so the scale multiplies both back.
+    steps and DDP/FSDP/ZeRO average over ranks, so the scale multiplies both back. Before the update
+    the guard agrees with every rank that loss and gradient norm are finite (guards.py: one all-reduce
+    and the step's one host read); if not, the update is dropped on every rank.
     """
     window = [{k: _to(v, accelerator.device) for k, v in b.items()} for b in window]
     targets = torch.stack([count_targets(b["labels"]) for b in window]).sum()
     global_targets = accelerator.reduce(targets.clone(), reduction="sum")
     scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / global_targets.clamp(min=1)
     loss_sum = torch.zeros((), device=accelerator.device)
-    grad_norm = None
+    grad_norm, nonfinite = None, False
     for batch in window:
         with accelerator.accumulate(model):
             batch_loss = forward_loss_sum(model, batch)  # no attention mask, no cache (see loss.py)
             accelerator.backward(batch_loss * scale)
             loss_sum += batch_loss.detach()
-            if accelerator.sync_gradients:
-                if max_grad_norm > 0 or want_norm:  # the pre-clip norm; inf = measure only
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
-                optimizer.step()
+            if accelerator.sync_gradients:  # the pre-clip norm (inf = measure only), which the guard checks
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+                nonfinite = guard.faulted(loss_sum, grad_norm, optimizer)
+                if nonfinite:
+                    guard.discard(optimizer)
+                else:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
     tokens = sum(b["attention_mask"].sum() for b in window)
     positions = sum(b["attention_mask"].numel() for b in window)
-    return loss_sum, targets, tokens, positions, grad_norm
+    return StepResult(loss_sum, targets, tokens, positions, grad_norm, nonfinite)
+
+
+def on_nonfinite(run: Run) -> None:
+    """A step no rank applied. Record where in the data it was, then act on --train.nonfinite: skip (go
+    on; stop after max_nonfinite_steps in a row), halt, or rollback (the loop reloads the newest
+    checkpoint). Every rank runs this alike: the verdict was agreed."""
+    state, t = run.state, run.cfg.train
+    state.nonfinite_steps += 1
+    state.nonfinite_in_a_row += 1
+    where = describe_window(run)
+    run.logger.log({"step": state.step + 1, "nonfinite": True, **where, "nonfinite_steps": state.nonfinite_steps,
+                    "action": t.nonfinite})  # fmt: skip
+    at = f"non-finite loss or gradient norm at step {state.step + 1} (data position {where['samples_seen']}, " \
+         f"examples {where['examples']})"  # fmt: skip
+    if t.nonfinite == "halt":
+        halt(run, f"{at}; halted (--train.nonfinite halt)")
+    if t.nonfinite == "rollback":
+        if state.rollbacks >= t.max_nonfinite_steps:
+            halt(run, f"{at}; halted after {state.rollbacks} rollbacks (--train.max_nonfinite_steps)")
+        run.rollback_from = state.samples_seen
+        return
+    if state.nonfinite_in_a_row >= t.max_nonfinite_steps:
+        halt(run, f"{at}; halted after {state.nonfinite_in_a_row} non-finite steps in a row "
+                  "(--train.max_nonfinite_steps)")  # fmt: skip
+    run.logger.write(f"dtrain: {at}: update skipped on every rank ({state.nonfinite_steps} so far)")
+
+
+def describe_window(run: Run) -> dict:
+    """The faulty window's data position and the train-data indices it holds (the first 16)."""
+    start = run.state.samples_seen
+    indices = [run.order.index(p) for p in range(start, start + min(run.global_batch, 16))]
+    return {"samples_seen": start, "examples": indices}
+
+
+def halt(run: Run, message: str) -> None:
+    """Stop every rank here with NONFINITE_EXIT_CODE, saving nothing: the newest checkpoint is the resume
+    point. (All ranks call this alike, so the stop round in flight is finished by all.)"""
+    state, acc = run.state, run.accelerator
+    run.stop.close()
+    last = complete_checkpoints(run.checkpointer.root)
+    resume = (
+        f"the newest checkpoint {last[-1].name} is the resume point" if last else "no checkpoint was saved"
+    )
+    if acc.is_main_process:
+        record_end(
+            Path(run.cfg.output_dir), "nonfinite", state.step, checkpoint=str(last[-1]) if last else None
+        )
+    run.logger.write(f"dtrain: {message}; {resume} (exit code {NONFINITE_EXIT_CODE})")
+    run.logger.close()
+    acc.wait_for_everyone()
+    acc.end_training()
+    raise RunHalted(NONFINITE_EXIT_CODE)
+
+
+def roll_back(run: Run) -> None:
+    """Reload the newest complete checkpoint and step over the window that faulted (recorded in the
+    train state, so a later resume steps over it too). The fault counters survive the reload."""
+    state = run.state
+    bad, counts = run.rollback_from, (state.nonfinite_steps, state.rollbacks + 1)
+    run.rollback_from = None
+    last = complete_checkpoints(run.checkpointer.root)
+    if not last:  # nothing to go back to: the update was not applied, so this is a skip
+        state.rollbacks += 1
+        run.logger.write(
+            f"dtrain: no checkpoint to roll back to yet; the faulty step {state.step} was skipped"
+        )
+        return
+    skip = sorted({*state.skip_windows, bad})
+    run.checkpointer.load(last[-1])
+    state.skip_windows, (state.nonfinite_steps, state.rollbacks) = skip, counts
+    run.stats.reset()
+    run.logger.rewind(state.step)
+    run.batches = None  # the data stream restarts at the checkpoint's position
+    run.logger.write(f"dtrain: rolled back to {last[-1].name} (rollback {state.rollbacks}); the window at "
+                     f"data position {bad} will be stepped over")  # fmt: skip
 
 
 def log_train(run: Run, grad_norm) -> None:
@@ -328,6 +444,8 @@ def log_train(run: Run, grad_norm) -> None:
         row["skipped_steps"] = state.skipped_steps
     if state.empty_steps:
         row["empty_steps"] = state.empty_steps
+    if state.nonfinite_steps:
+        row["nonfinite_steps"] = state.nonfinite_steps
     if not run.state_reported:  # the optimizer state exists after one step
         row.update(optimizer_state_row(acc, run.optimizer, run.num_params))
         run.state_reported = True
@@ -411,9 +529,21 @@ def run(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"dtrain: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except RunHalted as halted:  # a non-finite step: every rank stopped together, the reason already logged
+        return halted.code
     except Exception as exc:
         if os.environ.get("DTRAIN_TRACEBACK") == "1":
             raise
+        if is_lost_rank(exc):
+            reason = " ".join(str(exc).split())[:200]
+            print(
+                f"dtrain: error: lost contact with another rank in a collective ({reason}): it died or hung "
+                f"past --train.collective_timeout_s; rerun the same command to resume from the newest "
+                f"checkpoint (exit code {RANK_LOST_EXIT_CODE})",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(RANK_LOST_EXIT_CODE)  # not a normal exit: it would wait on the process group's peers
         import tempfile
         import traceback
 

@@ -1,7 +1,9 @@
-"""The training step never copies a value to the host: no `.item()`, `.tolist()`, `float(t)`,
-`int(t)` or `bool(t)` between logging steps (each is a device sync on a GPU). One exception, counted
-exactly: transformers' packed-sequence detection reads one boolean per forward (sdpa, eager; not under
-torch.compile), because training forwards pass no cache and no attention mask.
+"""The training step copies one value to the host per optimizer step, and no other: the non-finite
+verdict every rank agreed on (dtrain/guards.py), which decides whether the update is applied. No other
+`.item()`, `.tolist()`, `float(t)`, `int(t)` or `bool(t)` between logging steps (each is a device sync on a
+GPU). One exception, counted exactly: transformers' packed-sequence detection reads one boolean per
+forward (sdpa, eager; not under torch.compile), because training forwards pass no cache and no attention
+mask.
 
 On this CPU machine a sync cannot be observed directly, so the test counts the Python-level calls
 that would cause one, over real `train_step` calls and the device-side metric accumulation.
@@ -12,17 +14,20 @@ from __future__ import annotations
 import contextlib
 import os
 import traceback
+from pathlib import Path
 
 import torch
 from conftest import fresh_accelerator, tiny_llama
 
 from dtrain.config import OptimConfig
 from dtrain.data import IGNORE_INDEX, Collator
+from dtrain.guards import NonfiniteGuard
 from dtrain.metrics import StepStats
 from dtrain.optim import build_optimizer
 from dtrain.tasks import build_char_tokenizer
 from dtrain.train import train_step
 
+GUARDS = str(Path(__file__).resolve().parent.parent / "dtrain" / "guards.py")
 SYNCING = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy")
 
 
@@ -65,13 +70,12 @@ def test_training_steps_between_logs_make_no_host_copies():
     window = [collate(rows[:2]), collate(rows[2:])]
     stats = StepStats(accelerator.device)
     before = [p.detach().clone() for p in model.parameters()]
+    guard = NonfiniteGuard(accelerator)
     with count_host_copies() as calls:
-        for _ in range(3):  # clipping on, norm not requested for logging
-            loss_sum, targets, tokens, positions, _ = train_step(
-                accelerator, model, optimizer, window, 1.0, False
-            )
-            stats.add(loss_sum, targets, tokens, positions)
-    assert_only_transformers_detection(calls, forwards=3 * len(window))
+        for _ in range(3):  # clipping on
+            step = train_step(accelerator, model, optimizer, window, 1.0, guard)
+            stats.add(step.loss_sum, step.targets, step.tokens, step.positions)
+    assert_only_verdict_and_detection(calls, steps=3, forwards=3 * len(window))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # it trained
     with count_host_copies() as calls:
         totals = stats.pop(accelerator)  # the logging step is where the one copy happens
@@ -98,15 +102,17 @@ def test_packed_steps_make_no_host_copies_of_their_own():
     window = [pack([rows[:2], rows[2:3]]), pack([rows[3:]])]
     with count_host_copies() as calls:
         for _ in range(2):
-            train_step(accelerator, model, optimizer, window, 1.0, False)
-    assert_only_transformers_detection(calls, forwards=2 * len(window))
+            train_step(accelerator, model, optimizer, window, 1.0, NonfiniteGuard(accelerator))
+    assert_only_verdict_and_detection(calls, steps=2, forwards=2 * len(window))
 
 
-def assert_only_transformers_detection(calls: list[str], forwards: int) -> None:
-    """No host copy from dtrain; from transformers only its packed-sequence detection, once per forward.
-    (It runs on every forward without a cache and without a mask, packed or not: dtrain passes
-    use_cache=False, so that unpacked right-padded batches get it too.)"""
+def assert_only_verdict_and_detection(calls: list[str], steps: int, forwards: int) -> None:
+    """From dtrain, only the non-finite verdict, once per optimizer step (not per micro-batch); from
+    transformers only its packed-sequence detection, once per forward. (It runs on every forward without
+    a cache and without a mask, packed or not: dtrain passes use_cache=False, so that unpacked
+    right-padded batches get it too.)"""
     ours = [c for c in calls if f"site-packages{os.sep}" not in c]
-    assert ours == [], f"host copies in dtrain's step: {ours}"
+    verdicts = [c for c in ours if c == f"item from {GUARDS}"]
+    assert ours == verdicts and len(verdicts) == steps, f"host copies in dtrain's step: {ours}"
     detection = [c for c in calls if c.endswith(f"transformers{os.sep}masking_utils.py")]
-    assert len(calls) == len(detection) == forwards, calls
+    assert len(calls) - steps == len(detection) == forwards, calls

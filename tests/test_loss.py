@@ -12,6 +12,7 @@ from conftest import fresh_accelerator, tiny_llama
 
 from dtrain.config import UserError
 from dtrain.data import IGNORE_INDEX, Collator
+from dtrain.guards import NonfiniteGuard
 from dtrain.loss import check_chunked_loss, forward_loss_sum, token_loss_sum, use_chunked_loss
 from dtrain.tasks import build_char_tokenizer
 from dtrain.train import train_step
@@ -50,8 +51,8 @@ def _grads(micro_batch: int, accumulation: int) -> tuple[list[torch.Tensor], flo
     rows = _examples(tok)
     window = [collate(rows[i : i + micro_batch]) for i in range(0, len(rows), micro_batch)]
     assert len(window) == accumulation
-    loss_sum, targets, *_ = train_step(accelerator, model, opt, window, max_grad_norm=0.0, want_norm=False)
-    return opt.optimizer.captured, float(loss_sum / targets)
+    step = train_step(accelerator, model, opt, window, 0.0, NonfiniteGuard(accelerator))
+    return opt.optimizer.captured, float(step.loss_sum / step.targets)
 
 
 def test_four_micro_batches_of_two_equal_one_batch_of_eight():

@@ -1,0 +1,288 @@
+"""Non-finite steps (`--train.nonfinite skip|halt|rollback`), agreed by every rank.
+
+The fault is real, not mocked: a user's pretrained Llama directory (untied head) whose embedding row for
+the character `~` is NaN, and text data where exactly one training example has a `~` in its response.
+That example's forward is NaN on the one rank that reads it; every other example never touches the row.
+The reference run replaces the whole faulty window by null rows, which train nothing and which dtrain
+steps over without an update (`empty_steps`): "the run without that example's window".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    TINY,
+    assert_ok,
+    dtrain_launch,
+    read_metrics,
+    run_train,
+    tiny_config,
+    train_rows,
+)
+from safetensors.torch import load_file
+
+from dtrain.data import DataOrder
+from dtrain.guards import NONFINITE_EXIT_CODE
+
+SEED, N, BATCH, STEPS, FAULT_STEP = 42, 64, 4, 5, 3
+
+
+@pytest.fixture(scope="module")
+def poisoned_model(tmp_path_factory) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    from dtrain.tasks import build_char_tokenizer
+
+    path = tmp_path_factory.mktemp("nan_row_llama")
+    tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", tok))
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tok.convert_tokens_to_ids("~")] = float("nan")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def example(i: int, poison: bool = False, no_target: bool = False) -> dict:
+    words = ["alpha", "beta", "gamma", "delta", "eps"]
+    return {
+        "text": None if no_target else f"{words[i % 5]} {i} {words[i % 5].upper()}" + (" ~" if poison else "")
+    }
+
+
+def window_positions(step: int, global_batch: int) -> range:
+    return range((step - 1) * global_batch, step * global_batch)
+
+
+def write_data(directory: Path, world: int, poison_rank: int, faults: tuple[int, ...] = (FAULT_STEP,)):
+    """(poisoned, clean, eval, poisoned example index) files. In the poisoned data, the first example that
+    rank `poison_rank` reads in each faulty window has a `~`; in the clean data, the faulty windows hold
+    only examples without a target."""
+    order, g = DataOrder(N, SEED), BATCH * world
+    rows = [example(i) for i in range(N)]
+    poisoned, clean, bad = list(rows), list(rows), []
+    for step in faults:
+        window = window_positions(step, g)
+        bad.append(order.index(window.start + poison_rank * BATCH))  # this rank's slice of the micro-batch
+        poisoned[bad[-1]] = example(bad[-1], poison=True)
+        for p in window:
+            clean[order.index(p)] = example(order.index(p), no_target=True)
+    paths = []
+    for name, data in (
+        ("poisoned", poisoned),
+        ("clean", clean),
+        ("eval", [example(i) for i in range(100, 108)]),
+    ):
+        path = directory / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in data))
+        paths.append(path)
+    return (*paths, bad)
+
+
+def args(model: Path, data: Path, eval_data: Path, out: Path, *extra: str) -> list[str]:
+    return [*TINY, "--model.name_or_path", str(model), "--data.path", str(data), "--data.eval_path", str(eval_data),
+            "--data.template", "text", "--data.max_length", "32", "--train.seed", str(SEED),
+            "--train.per_device_batch_size", str(BATCH), "--train.max_steps", str(STEPS), "--eval.steps", "0",
+            "--eval.num_generate", "0", "--eval.num_samples", "0", "--optim.lr", "1e-2",
+            "--optim.scheduler", "constant_with_warmup", "--optim.warmup_steps", "0",
+            "--checkpoint.keep_last", "10", "--output_dir", str(out), *extra]  # fmt: skip
+
+
+def checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint holds: model and optimizer state (DCP shards, or DeepSpeed's files)."""
+    if (ckpt / "deepspeed").is_dir():
+        out = {}
+        for f in sorted((ckpt / "deepspeed" / "ds").glob("*.pt")):
+            flatten_tensors(torch.load(f, weights_only=False, map_location="cpu"), f.name, out)
+        return out
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(ckpt / "dcp"))
+    meta = reader.read_metadata().state_dict_metadata
+    wanted = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+              if isinstance(m, TensorStorageMetadata)}  # fmt: skip
+    dcp.load(wanted, storage_reader=reader, no_dist=True)
+    return wanted
+
+
+def flatten_tensors(obj, prefix: str, out: dict) -> None:
+    if torch.is_tensor(obj):
+        out[prefix] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            flatten_tensors(v, f"{prefix}.{k}", out)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            flatten_tensors(v, f"{prefix}.{i}", out)
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, equal_nan=True, msg=k)
+
+
+def differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.equal(a[k].nan_to_num(), b[k].nan_to_num()) for k in a)
+
+
+def fault_rows(out: Path) -> list[dict]:
+    return [r for r in read_metrics(out) if r.get("nonfinite")]
+
+
+@pytest.fixture(scope="module")
+def single(poisoned_model, tmp_path_factory) -> dict:
+    """One process: the poisoned run under skip (a checkpoint every step) and the clean run."""
+    d = tmp_path_factory.mktemp("guards_single")
+    poisoned, clean, evalset, bad = write_data(d, world=1, poison_rank=0)
+    runs = {"data": (poisoned, clean, evalset), "bad": bad}
+    for name, data, extra in (("skip", poisoned, ["--checkpoint.save_steps", "1"]), ("clean", clean, [])):
+        proc = run_train(args(poisoned_model, data, evalset, d / name, *extra))
+        assert_ok(proc)
+        runs[name] = (d / name, proc)
+    return runs
+
+
+def test_a_skipped_step_changes_nothing_and_the_run_equals_the_run_without_that_window(single):
+    out, proc = single["skip"]
+    (fault,) = fault_rows(out)
+    assert fault["step"] == FAULT_STEP and fault["samples_seen"] == (FAULT_STEP - 1) * BATCH
+    assert single["bad"][0] in fault["examples"] and fault["action"] == "skip"
+    assert f"non-finite loss or gradient norm at step {FAULT_STEP}" in proc.stdout
+    rows = {r["step"]: r for r in train_rows(out)}
+    assert rows[FAULT_STEP - 1].get("nonfinite_steps") is None and rows[STEPS]["nonfinite_steps"] == 1
+    ckpts = {
+        s: checkpoint_tensors(out / "checkpoints" / f"step-{s:08d}") for s in range(FAULT_STEP - 1, STEPS)
+    }
+    assert_bitwise_equal(ckpts[FAULT_STEP - 1], ckpts[FAULT_STEP])  # parameters and optimizer state
+    assert differs(ckpts[FAULT_STEP], ckpts[FAULT_STEP + 1])  # training went on after it
+    sched = [
+        torch.load(out / "checkpoints" / f"step-{s:08d}" / "scheduler.pt")
+        for s in (FAULT_STEP - 1, FAULT_STEP)
+    ]
+    assert sched[0]["last_epoch"] == sched[1]["last_epoch"]  # the schedule did not move
+    clean_out, _ = single["clean"]
+    assert_bitwise_equal(load_file(out / "final" / "model.safetensors"),
+                         load_file(clean_out / "final" / "model.safetensors"))  # fmt: skip
+    clean_rows = {r["step"]: r for r in train_rows(clean_out)}
+    assert [r["loss"] for r in rows.values()] == [r["loss"] for r in clean_rows.values()]
+    assert rows[FAULT_STEP]["loss"] is None  # nothing was trained in that step
+
+
+def test_rollback_reloads_the_newest_checkpoint_and_steps_over_the_window(single, poisoned_model):
+    poisoned, _, evalset = single["data"]
+    out = single["skip"][0].parent / "rollback"
+    proc = run_train(args(poisoned_model, poisoned, evalset, out, "--train.nonfinite", "rollback",
+                          "--checkpoint.save_steps", "2"))  # fmt: skip
+    assert_ok(proc)
+    assert "rolled back to step-00000002" in proc.stdout
+    (fault,) = fault_rows(out)
+    assert fault["action"] == "rollback" and fault["step"] == FAULT_STEP
+    assert [r["step"] for r in train_rows(out)] == list(range(1, STEPS + 1))  # each step logged once
+    state = json.loads((out / "checkpoints" / f"step-{STEPS:08d}" / "train_state.json").read_text())
+    assert state["rollbacks"] == 1 and state["skip_windows"] == [(FAULT_STEP - 1) * BATCH]
+    clean_out, _ = single["clean"]
+    assert_bitwise_equal(load_file(out / "final" / "model.safetensors"),
+                         load_file(clean_out / "final" / "model.safetensors"))  # fmt: skip
+
+
+def test_halt_stops_at_the_fault_and_leaves_the_newest_checkpoint(single, poisoned_model):
+    poisoned, _, evalset = single["data"]
+    out = single["skip"][0].parent / "halt"
+    proc = run_train(args(poisoned_model, poisoned, evalset, out, "--train.nonfinite", "halt",
+                          "--checkpoint.save_steps", "2"))  # fmt: skip
+    assert proc.returncode == NONFINITE_EXIT_CODE, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    line = [ln for ln in proc.stdout.splitlines() if "halted" in ln]
+    assert len(line) == 1 and f"step {FAULT_STEP}" in line[0] and "data position 8" in line[0]
+    assert "step-00000002 is the resume point" in line[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+    assert not (out / "final").exists()
+    ended = json.loads((out / "run_info.json").read_text())["ended"]
+    assert ended["reason"] == "nonfinite" and ended["step"] == FAULT_STEP - 1
+
+
+def test_skip_stops_after_max_nonfinite_steps_in_a_row(poisoned_model, tmp_path):
+    poisoned, _, evalset, _ = write_data(tmp_path, world=1, poison_rank=0, faults=(2, 3))
+    proc = run_train(
+        args(poisoned_model, poisoned, evalset, tmp_path / "run", "--train.max_nonfinite_steps", "2")
+    )
+    assert proc.returncode == NONFINITE_EXIT_CODE, proc.stderr[-2000:]
+    assert "halted after 2 non-finite steps in a row (--train.max_nonfinite_steps)" in proc.stdout
+    assert [r["step"] for r in fault_rows(tmp_path / "run")] == [2, 3]
+
+
+# --------------------------------------------------------------------------------------------
+# Two CPU ranks (gloo): the example that faults is read by rank 1 only
+# --------------------------------------------------------------------------------------------
+
+
+def test_ddp_skip_equals_the_run_without_that_window(poisoned_model, tmp_path):
+    poisoned, clean, evalset, bad = write_data(tmp_path, world=2, poison_rank=1)
+    for name, data in (("poisoned", poisoned), ("clean", clean)):
+        assert_ok(dtrain_launch("ddp", args(poisoned_model, data, evalset, tmp_path / name)))
+    (fault,) = fault_rows(tmp_path / "poisoned")
+    assert fault["step"] == FAULT_STEP and bad[0] in fault["examples"]
+    assert_bitwise_equal(load_file(tmp_path / "poisoned" / "final" / "model.safetensors"),
+                         load_file(tmp_path / "clean" / "final" / "model.safetensors"))  # fmt: skip
+
+
+@pytest.mark.parametrize("profile,precision", [("fsdp", "no"), ("zero2", "bf16")])
+def test_sharded_skip_leaves_parameters_and_optimizer_state_bitwise_unchanged(
+    poisoned_model, tmp_path, profile, precision
+):
+    """FSDP2 and DeepSpeed ZeRO-2 in bf16 (whose engine steps inside backward and checks the norm itself)."""
+    poisoned, _, evalset, _ = write_data(tmp_path, world=2, poison_rank=1)
+    out = tmp_path / "run"
+    proc = dtrain_launch(profile, args(poisoned_model, poisoned, evalset, out, "--checkpoint.save_steps", "1",
+                                       "--train.mixed_precision", precision))  # fmt: skip
+    assert_ok(proc)
+    assert [r["step"] for r in fault_rows(out)] == [FAULT_STEP]
+    ckpts = {
+        s: checkpoint_tensors(out / "checkpoints" / f"step-{s:08d}") for s in range(FAULT_STEP - 1, STEPS)
+    }
+    assert_bitwise_equal(ckpts[FAULT_STEP - 1], ckpts[FAULT_STEP])
+    assert differs(ckpts[FAULT_STEP], ckpts[FAULT_STEP + 1])
+    assert train_rows(out)[-1]["nonfinite_steps"] == 1
+
+
+def _verdict_on_rank(rank: int, port: int, results) -> None:
+    """Rank 1 alone has a NaN loss; its gradient norm (as every rank's) is finite."""
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), ACCELERATE_USE_CPU="1")  # fmt: skip
+    from accelerate.utils import InitProcessGroupKwargs
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    acc = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    from dtrain.guards import NonfiniteGuard
+
+    guard = NonfiniteGuard(acc)
+    loss = torch.tensor(float("nan") if rank == 1 else 1.0)
+    results[rank] = (guard.faulted(loss, torch.tensor(2.0), None),
+                     guard.faulted(torch.tensor(1.0), torch.tensor(2.0), None))  # fmt: skip
+
+
+def test_every_rank_gets_the_verdict_of_the_one_rank_that_saw_a_nan():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_verdict_on_rank, args=(port, results), nprocs=2, join=True)
+        assert dict(results) == {0: (True, False), 1: (True, False)}
