@@ -21,8 +21,6 @@ backward carries the NaN into every parameter it reached), so the engine has ski
 
 from __future__ import annotations
 
-import torch
-
 NONFINITE_EXIT_CODE = 65  # EX_DATAERR: halted on a non-finite step; the newest checkpoint is the resume point
 RANK_LOST_EXIT_CODE = 69  # EX_UNAVAILABLE: another rank died or hung in a collective (collective_timeout_s)
 
@@ -43,9 +41,11 @@ class NonfiniteGuard:
         self.fp16 = accelerator.mixed_precision == "fp16"
         self.engine_steps = accelerator.distributed_type.name == "DEEPSPEED"  # stepped inside backward
 
-    def faulted(self, loss_sum: torch.Tensor, grad_norm, optimizer) -> bool:
+    def faulted(self, loss_sum, grad_norm, optimizer) -> bool:
         """Whether any rank saw a non-finite loss or gradient norm in this step. Called at the gradient
         sync, after clipping measured the norm and before `optimizer.step()`."""
+        import torch
+
         bad = ~torch.isfinite(loss_sum)
         if not self.fp16:  # fp16: an overflowing gradient is skipped by the grad scaler, not a fault
             if self.engine_steps:
@@ -67,6 +67,21 @@ class NonfiniteGuard:
         if scaler is not None and not self.engine_steps:
             scaler._per_optimizer_states.clear()  # torch.amp.GradScaler: no public reset of this record
         optimizer.zero_grad(set_to_none=True)
+
+
+def deepspeed_check_off(ds: dict, precision: str | None) -> str | None:
+    """The DeepSpeed setting, if any, that would make the engine apply a NaN/Inf gradient instead of
+    skipping the step (fp16 aside: its loss scaler always checks). Used by `dtrain launch`'s pre-flight
+    and again in every rank, for a plain `accelerate launch`."""
+    if precision == "fp16":
+        return None
+    for section, key in (("bf16", "check_grad_overflow"), ("zero_optimization", "compute_grad_norm")):
+        if (ds.get(section) or {}).get(key) is False:
+            return (
+                f"sets {section}.{key}=false, so DeepSpeed would apply a NaN/Inf gradient instead of skipping "
+                "the step; remove it from the JSON (dtrain's --train.nonfinite relies on that check)"
+            )
+    return None
 
 
 def is_lost_rank(exc: BaseException) -> bool:

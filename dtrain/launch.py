@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from dtrain.config import Config, ConfigError, UserError, parse_config
+from dtrain.guards import deepspeed_check_off
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILE_DIR = REPO / "accelerate_configs"
@@ -194,6 +195,9 @@ def deepspeed_conflicts(profile: Profile, cfg: Config, processes: int) -> list[s
                 f'{name} disables {key} but --train.mixed_precision is {key}; set {key}.enabled to "auto" in '
                 "the JSON"
             )
+    off = deepspeed_check_off(ds, precision)
+    if off:
+        problems.append(f"{name} {off}")
     for section in ("optimizer", "scheduler"):
         if section in ds:
             problems.append(

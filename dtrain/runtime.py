@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from dtrain.config import Config, UserError, flatten
+from dtrain.guards import deepspeed_check_off
 
 
 def build_accelerator(cfg: Config):
@@ -204,16 +205,9 @@ def configure_deepspeed(accelerator, cfg: Config) -> None:
             cfg.train.gradient_accumulation_steps,
         ),
     }
-    # guards.py relies on the engine's own check of the gradient norm: refuse the settings that turn it off
-    if cfg.train.mixed_precision != "fp16" and accelerator.mixed_precision != "fp16":
-        off = [k for k, v in (("bf16.check_grad_overflow", ds.get("bf16", {}).get("check_grad_overflow")),
-                              ("zero_optimization.compute_grad_norm",
-                               ds.get("zero_optimization", {}).get("compute_grad_norm"))) if v is False]  # fmt: skip
-        if off:
-            raise UserError(
-                f"the DeepSpeed config sets {off[0]}=false, so DeepSpeed would apply a NaN/Inf gradient instead "
-                "of skipping the step; remove it from the JSON (dtrain's --train.nonfinite relies on it)"
-            )
+    off = deepspeed_check_off(ds, accelerator.mixed_precision)  # guards.py relies on the engine's norm check
+    if off:
+        raise UserError(f"the DeepSpeed config {off}")
     for key, (flag, value) in wanted.items():
         current = ds.get(key, "auto")
         if current == "auto":

@@ -281,3 +281,18 @@ def test_deepspeed_json_contradiction_is_refused_before_launch(capsys, tmp_path)
         "8",
     )
     assert "train_micro_batch_size_per_gpu=4" in line and "--train.per_device_batch_size" in line
+
+
+@pytest.mark.parametrize(
+    "section,key", [("bf16", "check_grad_overflow"), ("zero_optimization", "compute_grad_norm")]
+)
+def test_deepspeed_json_that_turns_off_the_engines_nonfinite_check(section, key):
+    """dtrain's --train.nonfinite reads DeepSpeed's own check of the gradient norm (guards.py)."""
+    profile = launch.load_profile("zero2")
+    profile.ds_config = {**profile.ds_config, section: {**profile.ds_config.get(section, {}), key: False}}
+    problems = launch.preflight(profile, parse_config([]), gpus=2, cpu=True, gpus_present=0, bf16_ok=False)
+    assert len(problems) == 1 and f"{section}.{key}=false" in problems[0] and "NaN" in problems[0]
+    # fp16: DeepSpeed's loss scaler checks every step whatever these say
+    fp16 = parse_config(["--train.mixed_precision", "fp16"])
+    assert not any(key in p for p in launch.preflight(profile, fp16, gpus=2, cpu=True, gpus_present=0,
+                                                       bf16_ok=False))  # fmt: skip
