@@ -3,7 +3,9 @@
 When a rank fails, Accelerate's launcher raises (torchrun's ChildFailedError, or CalledProcessError for a
 single process) and prints its own traceback under the rank's one-line error. `dtrain launch` runs this
 instead, so the job ends with the rank's error, one line saying which rank failed, and that rank's own
-exit code (2 for a user error, 75 for a stop on request) rather than the launcher's 1. When the launcher
+exit code (2 for a user error, 75 for a stop on request, 137 for a rank killed by SIGKILL) rather than
+the launcher's 1. When one rank dies the others lose contact with it (exit code 69, guards.py): the
+rank that died is the one named. When the launcher
 itself is signalled, it passes the signal to the ranks, which save and stop (dtrain.signals): the job
 then ends with 75 too once the run has recorded that stop.
 """
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import time
 
+from dtrain.guards import RANK_LOST_EXIT_CODE
 from dtrain.signals import STOP_EXIT_CODE
 
 
@@ -28,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launch_command(args)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
+        rank, failure = root_failure(exc)
         code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # killed by a signal
         print(
             f"dtrain launch: rank {rank} exited with code {code}"
@@ -49,6 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dtrain launch: stopped by {name}", file=sys.stderr, flush=True)
         return 128 + int(exc.sigval)
     return 0
+
+
+def root_failure(exc) -> tuple:
+    """The rank whose failure caused the others'. A rank that lost contact with a peer
+    (RANK_LOST_EXIT_CODE) is a consequence: a rank that failed otherwise (a SIGKILL, an OOM, a crash) no
+    later than it is named instead. A failure after it (the launcher killing a frozen rank) is not."""
+    lost = [f.timestamp for f in exc.failures.values() if f.exitcode == RANK_LOST_EXIT_CODE]
+    causes = {r: f for r, f in exc.failures.items()
+              if f.exitcode != RANK_LOST_EXIT_CODE and (not lost or f.timestamp <= min(lost))}  # fmt: skip
+    if not causes:
+        return exc.get_first_failure()
+    return min(causes.items(), key=lambda item: item[1].timestamp)
 
 
 def _stopped_on_request(train_args: list[str], since: float, wait_s: float) -> bool:

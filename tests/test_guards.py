@@ -286,3 +286,87 @@ def test_every_rank_gets_the_verdict_of_the_one_rank_that_saw_a_nan():
         results = manager.dict()
         mp.spawn(_verdict_on_rank, args=(port, results), nprocs=2, join=True)
         assert dict(results) == {0: (True, False), 1: (True, False)}
+
+
+# --------------------------------------------------------------------------------------------
+# No rank left hanging: a 2-rank CPU job whose rank 1 is killed (SIGKILL) or frozen (SIGSTOP)
+# --------------------------------------------------------------------------------------------
+
+KILL_ARGS = [*TINY, "--train.max_steps", "100", "--checkpoint.save_steps", "10", "--eval.steps", "0",
+             "--eval.num_generate", "0", "--eval.num_samples", "0", "--train.collective_timeout_s", "10"]  # fmt: skip
+
+
+def start_and_hit_rank_1(out: Path, signum: int, after_step: int = 12, **env: str):
+    """Start the job, wait until it has logged `after_step` (a checkpoint exists), send `signum` to the
+    process of rank 1. Returns (finished process, seconds from the signal to the job's end, pre-signal rows)."""
+    import os
+    import subprocess
+    import time
+
+    from conftest import REPO, env_for_subprocess, launch_cmd
+
+    job = subprocess.Popen(launch_cmd("ddp", [*KILL_ARGS, "--output_dir", str(out)]), cwd=REPO, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env_for_subprocess(**env))  # fmt: skip
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() or not any(r["step"] >= after_step for r in train_rows(out)):
+        assert job.poll() is None and time.time() < deadline, "the job ended or stalled before the signal"
+        time.sleep(0.05)
+    (rank1,) = [pid for pid in _pids_of(out) if "RANK=1" in _environ(pid)]
+    os.kill(rank1, signum)
+    hit = time.time()
+    stdout, stderr = job.communicate(timeout=300)
+    return subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr), time.time() - hit
+
+
+def _pids_of(out: Path) -> list[int]:
+    """Processes whose command line names this run's output directory."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if str(out) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _environ(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+
+
+def test_a_killed_rank_ends_the_job_and_the_same_command_resumes_exactly(tmp_path):
+    import signal
+
+    reference = tmp_path / "straight"
+    assert_ok(dtrain_launch("ddp", [*KILL_ARGS, "--output_dir", str(reference)]))
+    out = tmp_path / "killed"
+    proc, seconds = start_and_hit_rank_1(out, signal.SIGKILL)
+    assert seconds < 10 + 30, f"the job took {seconds:.0f} s to end after rank 1 died"
+    assert proc.returncode == 128 + signal.SIGKILL, proc.stderr[-3000:]
+    assert "dtrain launch: rank 1 exited with code 137 (SIGKILL); the job was stopped" in proc.stderr
+    assert "lost contact with another rank" in proc.stderr and "Traceback" not in proc.stderr
+    assert _pids_of(out) == []  # no rank, launcher or agent left behind
+    resumed = dtrain_launch("ddp", [*KILL_ARGS, "--output_dir", str(out)])  # the very same command
+    assert_ok(resumed)
+    assert "resuming from" in resumed.stdout
+    straight = {r["step"]: r["loss"] for r in train_rows(reference)}
+    again = {r["step"]: r["loss"] for r in train_rows(out)}
+    assert again == straight  # every step once, each loss bitwise equal to the uninterrupted run's
+    assert_bitwise_equal(load_file(out / "final" / "model.safetensors"),
+                         load_file(reference / "final" / "model.safetensors"))  # fmt: skip
+
+
+def test_a_frozen_rank_ends_the_job_after_collective_timeout_s(tmp_path):
+    """SIGSTOP: rank 1 is alive but answers nothing, as a rank stuck in a driver call. Nothing but the
+    collective timeout can end rank 0's wait; the launcher then kills the frozen rank after its shutdown
+    grace (PET_SHUTDOWN_TIMEOUT, shortened here)."""
+    import signal
+
+    out = tmp_path / "frozen"
+    proc, seconds = start_and_hit_rank_1(out, signal.SIGSTOP, PET_SHUTDOWN_TIMEOUT="3")
+    assert 10 <= seconds < 10 + 3 + 30, f"the job took {seconds:.0f} s to end after rank 1 froze"
+    assert proc.returncode == 69, proc.stderr[-3000:]
+    assert "lost contact with another rank" in proc.stderr and "collective_timeout_s" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _pids_of(out) == []
