@@ -234,9 +234,7 @@ def build_command(
     env["PET_SIGNALS_TO_HANDLE"] = os.environ.get(
         "PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
     )
-    grace = os.environ.get("PET_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
-    env["PET_SHUTDOWN_TIMEOUT"] = grace  # torchrun's name; Accelerate's launcher builds torch's LaunchConfig
-    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = grace  # itself, which reads this one
+    env["PET_SHUTDOWN_TIMEOUT"] = os.environ.get("PET_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
     if profile.ds_config_path is not None:  # absolute, so the launch works from any directory
         cmd += ["--deepspeed_config_file", str(profile.ds_config_path)]
     if nodes > 1:
