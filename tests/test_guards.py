@@ -370,3 +370,33 @@ def test_a_frozen_rank_ends_the_job_after_collective_timeout_s(tmp_path):
     assert "lost contact with another rank" in proc.stderr and "collective_timeout_s" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert _pids_of(out) == []
+
+
+def test_an_fp16_fault_leaves_the_grad_scaler_as_it_was():
+    """Accelerate refuses fp16 on a CPU, so the guard gets a stand-in accelerator holding a real
+    torch.amp.GradScaler (the one Accelerate uses on CUDA). Clipping unscales the gradients before the
+    verdict; a dropped step must leave the scale alone and let the next step unscale again."""
+    from types import SimpleNamespace
+
+    from dtrain.guards import NonfiniteGuard
+
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    acc = SimpleNamespace(mixed_precision="fp16", scaler=scaler, num_processes=1,
+                          distributed_type=SimpleNamespace(name="MULTI_CPU"))  # fmt: skip
+    guard = NonfiniteGuard(acc)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(model(torch.ones(2, 4)).sum() * float("nan")).backward()
+    scaler.unscale_(opt)  # what accelerator.clip_grad_norm_ does first
+    assert guard.faulted(torch.tensor(float("nan")), torch.tensor(float("inf")), opt)
+    guard.discard(opt)
+    assert scaler.get_scale() == 1024.0 and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    scaler.scale(model(torch.ones(2, 4)).sum()).backward()
+    scaler.unscale_(opt)  # would raise "unscale_() has already been called" without the reset
+    # fp16: an overflowing gradient with a finite loss is the scaler's business, not a fault
+    assert not guard.faulted(torch.tensor(1.0), torch.tensor(float("inf")), opt)
+    scaler.step(opt)
+    scaler.update()
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
