@@ -90,9 +90,9 @@ def is_lost_rank(exc: BaseException) -> bool:
 
     if not dist.is_available() or not dist.is_initialized():
         return False
-    if isinstance(exc, getattr(dist, "DistError", ())):
+    if isinstance(exc, getattr(dist, "DistError", ())):  # NCCL and the store raise these
         return True
+    # gloo raises plain RuntimeErrors from its transport: "...gloo/transport/tcp/pair.cc... Connection
+    # reset by peer" when the peer died, "...unbound_buffer.cc... Timed out waiting 10000ms" when it hung
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(
-        s in text for s in ("connection closed by peer", "connection reset by peer", "timed out", "timeout")
-    )
+    return isinstance(exc, RuntimeError) and "gloo" in text and ("connection" in text or "timed out" in text)

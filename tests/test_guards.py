@@ -223,27 +223,33 @@ def test_skip_stops_after_max_nonfinite_steps_in_a_row(poisoned_model, tmp_path)
 # --------------------------------------------------------------------------------------------
 
 
-def test_ddp_skip_equals_the_run_without_that_window(poisoned_model, tmp_path):
+def test_ddp_skip_and_rollback_equal_the_run_without_that_window(poisoned_model, tmp_path):
     poisoned, clean, evalset, bad = write_data(tmp_path, world=2, poison_rank=1)
-    for name, data in (("poisoned", poisoned), ("clean", clean)):
-        assert_ok(dtrain_launch("ddp", args(poisoned_model, data, evalset, tmp_path / name)))
-    (fault,) = fault_rows(tmp_path / "poisoned")
-    assert fault["step"] == FAULT_STEP and bad[0] in fault["examples"]
-    assert_bitwise_equal(load_file(tmp_path / "poisoned" / "final" / "model.safetensors"),
-                         load_file(tmp_path / "clean" / "final" / "model.safetensors"))  # fmt: skip
+    runs = {"poisoned": (poisoned, []), "clean": (clean, []),
+            "rollback": (poisoned, ["--train.nonfinite", "rollback", "--checkpoint.save_steps", "2"])}  # fmt: skip
+    for name, (data, extra) in runs.items():
+        assert_ok(dtrain_launch("ddp", args(poisoned_model, data, evalset, tmp_path / name, *extra)))
+    for name in ("poisoned", "rollback"):
+        (fault,) = fault_rows(tmp_path / name)
+        assert fault["step"] == FAULT_STEP and bad[0] in fault["examples"]
+        assert_bitwise_equal(load_file(tmp_path / name / "final" / "model.safetensors"),
+                             load_file(tmp_path / "clean" / "final" / "model.safetensors"))  # fmt: skip
 
 
-@pytest.mark.parametrize("profile,precision", [("fsdp", "no"), ("zero2", "bf16")])
-def test_sharded_skip_leaves_parameters_and_optimizer_state_bitwise_unchanged(
-    poisoned_model, tmp_path, profile, precision
+@pytest.mark.parametrize("profile,precision,mode", [("fsdp", "no", "skip"), ("zero2", "bf16", "skip"),
+                                                    ("zero2", "bf16", "rollback")])  # fmt: skip
+def test_sharded_fault_leaves_parameters_and_optimizer_state_bitwise_unchanged(
+    poisoned_model, tmp_path, profile, precision, mode
 ):
-    """FSDP2 and DeepSpeed ZeRO-2 in bf16 (whose engine steps inside backward and checks the norm itself)."""
+    """FSDP2 and DeepSpeed ZeRO-2 in bf16, whose engine steps inside backward and checks the norm itself
+    (skip: the engine must not have applied the step). Rollback reloads the engine's checkpoint in place."""
     poisoned, _, evalset, _ = write_data(tmp_path, world=2, poison_rank=1)
     out = tmp_path / "run"
     proc = dtrain_launch(profile, args(poisoned_model, poisoned, evalset, out, "--checkpoint.save_steps", "1",
-                                       "--train.mixed_precision", precision))  # fmt: skip
+                                       "--train.mixed_precision", precision, "--train.nonfinite", mode))  # fmt: skip
     assert_ok(proc)
     assert [r["step"] for r in fault_rows(out)] == [FAULT_STEP]
+    assert ("rolled back to step-00000002" in proc.stdout) == (mode == "rollback")
     ckpts = {
         s: checkpoint_tensors(out / "checkpoints" / f"step-{s:08d}") for s in range(FAULT_STEP - 1, STEPS)
     }
