@@ -208,13 +208,18 @@ def test_halt_stops_at_the_fault_and_leaves_the_newest_checkpoint(single, poison
     assert ended["reason"] == "nonfinite" and ended["step"] == FAULT_STEP - 1
 
 
-def test_skip_stops_after_max_nonfinite_steps_in_a_row(poisoned_model, tmp_path):
+@pytest.mark.parametrize(
+    "mode,limit,message",
+    [("skip", "2", "halted after 2 non-finite steps in a row (--train.max_nonfinite_steps)"),
+     ("rollback", "1", "halted after 1 rollbacks (--train.max_nonfinite_steps)")],
+)  # fmt: skip
+def test_a_run_halts_past_max_nonfinite_steps(poisoned_model, tmp_path, mode, limit, message):
+    """Two faulty windows in a row. Rollback: the first fault (no checkpoint yet) counts as a rollback."""
     poisoned, _, evalset, _ = write_data(tmp_path, world=1, poison_rank=0, faults=(2, 3))
-    proc = run_train(
-        args(poisoned_model, poisoned, evalset, tmp_path / "run", "--train.max_nonfinite_steps", "2")
-    )
+    proc = run_train(args(poisoned_model, poisoned, evalset, tmp_path / "run", "--train.nonfinite", mode,
+                          "--train.max_nonfinite_steps", limit))  # fmt: skip
     assert proc.returncode == NONFINITE_EXIT_CODE, proc.stderr[-2000:]
-    assert "halted after 2 non-finite steps in a row (--train.max_nonfinite_steps)" in proc.stdout
+    assert message in proc.stdout
     assert [r["step"] for r in fault_rows(tmp_path / "run")] == [2, 3]
 
 
