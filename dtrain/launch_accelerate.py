@@ -55,15 +55,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def root_failure(exc) -> tuple:
-    """The rank whose failure caused the others'. A rank that lost contact with a peer
-    (RANK_LOST_EXIT_CODE) is a consequence: a rank that failed otherwise (a SIGKILL, an OOM, a crash) no
-    later than it is named instead. A failure after it (the launcher killing a frozen rank) is not."""
-    lost = [f.timestamp for f in exc.failures.values() if f.exitcode == RANK_LOST_EXIT_CODE]
-    causes = {r: f for r, f in exc.failures.items()
-              if f.exitcode != RANK_LOST_EXIT_CODE and (not lost or f.timestamp <= min(lost))}  # fmt: skip
-    if not causes:
-        return exc.get_first_failure()
-    return min(causes.items(), key=lambda item: item[1].timestamp)
+    """The rank whose failure caused the others', in this order: a rank's own error exit (2, 65, 75, 1...);
+    a death by a signal (SIGKILL from the OOM killer, SIGSEGV) no later than the first rank that lost
+    contact with a peer; a rank that lost contact (RANK_LOST_EXIT_CODE, a consequence); last, the SIGTERM
+    with which the launcher itself tears the remaining ranks down. Earliest first within each."""
+    import signal
+
+    failures = exc.failures.items()
+    lost = [f.timestamp for _, f in failures if f.exitcode == RANK_LOST_EXIT_CODE]
+    tiers = (
+        [(r, f) for r, f in failures if f.exitcode > 0 and f.exitcode != RANK_LOST_EXIT_CODE],
+        [(r, f) for r, f in failures if f.exitcode < 0 and f.exitcode != -signal.SIGTERM
+         and (not lost or f.timestamp <= min(lost))],
+        [(r, f) for r, f in failures if f.exitcode == RANK_LOST_EXIT_CODE],
+    )  # fmt: skip
+    for tier in tiers:
+        if tier:
+            return min(tier, key=lambda item: item[1].timestamp)
+    return exc.get_first_failure()
 
 
 def _stopped_on_request(train_args: list[str], since: float, wait_s: float) -> bool:

@@ -296,3 +296,26 @@ def test_deepspeed_json_that_turns_off_the_engines_nonfinite_check(section, key)
     fp16 = parse_config(["--train.mixed_precision", "fp16"])
     assert not any(key in p for p in launch.preflight(profile, fp16, gpus=2, cpu=True, gpus_present=0,
                                                        bf16_ok=False))  # fmt: skip
+
+
+def test_the_rank_that_caused_a_failure_is_the_one_named():
+    """torchrun's failures as its ChildFailedError reports them (built here; a real run cannot order
+    these deaths at will): the cause is named, not the ranks that lost it or that the launcher stopped."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from dtrain.launch_accelerate import root_failure
+
+    def failed(**codes_at):  # rank -> (exit code, timestamp)
+        failures = {}
+        for rank, (code, at) in codes_at.items():
+            f = ProcessFailure(local_rank=int(rank[1:]), pid=1, exitcode=code, error_file="")
+            f.timestamp = at
+            failures[int(rank[1:])] = f
+        return ChildFailedError("train.py", failures)
+
+    assert root_failure(failed(r0=(-15, 100), r1=(2, 100)))[0] == 1  # a user error, the other rank stopped
+    assert root_failure(failed(r0=(69, 100), r1=(-9, 100)))[0] == 1  # killed; rank 0 lost it
+    assert (
+        root_failure(failed(r0=(69, 100), r1=(-9, 130)))[0] == 0
+    )  # frozen: rank 0 timed out, then rank 1 killed
+    assert root_failure(failed(r0=(-15, 100), r1=(-11, 101)))[0] == 1  # a segfault, not the teardown
