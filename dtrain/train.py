@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -543,7 +544,11 @@ def run(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-            os._exit(RANK_LOST_EXIT_CODE)  # not a normal exit: it would wait on the process group's peers
+            # The rank that caused this (a user error, a crash) may still be exiting: give it a moment, so
+            # the launcher records its failure first and names it. Then leave at once: a normal exit would
+            # wait on the process group's lost peers.
+            time.sleep(3)
+            os._exit(RANK_LOST_EXIT_CODE)
         import tempfile
         import traceback
 
