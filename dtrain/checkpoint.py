@@ -225,6 +225,14 @@ def check_model_identity(path: Path, identity: dict, cfg: Config) -> None:
     saved = read_marker(path).get("model")
     if not saved or saved == identity:
         return  # a checkpoint from before the marker recorded the model: the config check stands alone
+    base, now = saved.get("base"), identity.get("base")
+    if base and now and base["fingerprint"] != now["fingerprint"]:
+        raise CheckpointError(
+            f"checkpoint {path} holds adapters trained on the base '{base['name_or_path'] or 'embedded'}' "
+            f"(fingerprint {base['fingerprint'][:12]}), but --model.name_or_path "
+            f"'{now['name_or_path'] or 'embedded'}' now holds another base ({now['fingerprint'][:12]}); point "
+            "--model.name_or_path at the base that run trained on, or start fresh with another --output_dir"
+        )
 
     def what(m):
         return f"{m['architecture']} with {m['vocab_size']} embedding rows and {m['parameters']:,} parameters"
@@ -406,6 +414,7 @@ class Checkpointer:
         self.tokenizer = tokenizer
         self.identity = identity  # modeling.model_identity of the model before wrapping
         self.deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
+        self.adapters_only = cfg.peft.method != "none"
 
     # -- save ----------------------------------------------------------------------------------
 
@@ -463,7 +472,8 @@ class Checkpointer:
     def _write(self, tmp: Path) -> None:
         acc = self.acc
         if self.deepspeed:
-            self.model.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, save_latest=False)
+            self.model.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, save_latest=False,
+                                       exclude_frozen_parameters=self.adapters_only)  # fmt: skip
         else:
             import torch.distributed.checkpoint as dcp
 
@@ -488,10 +498,23 @@ class Checkpointer:
             (tmp / "config.yaml").write_text(self.config_yaml)
             (tmp / "train_state.json").write_text(json.dumps(self.state.state_dict(), indent=2))
 
+    def _options(self):
+        """Adapters (--peft.method): only what trains is saved and loaded; the frozen base comes from its
+        own files, checked against the marker's fingerprint."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(ignore_frozen_params=self.adapters_only, strict=not self.adapters_only)
+
     def _dcp_state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer.optimizer, options=self._options())
+        if self.adapters_only:  # torch keeps a frozen tied head (the embedding under a second name): drop it
+            from dtrain.modeling import clean_name
+
+            frozen = {clean_name(n) for n, p in self.model.named_parameters(remove_duplicate=False)
+                      if not p.requires_grad}  # fmt: skip
+            model_sd = {k: v for k, v in model_sd.items() if k not in frozen}
         return {"model": model_sd, "optim": optim_sd}
 
     def _commit(self, tmp: Path, final: Path) -> None:
@@ -551,6 +574,7 @@ class Checkpointer:
                 tag=DS_UNIVERSAL_TAG if universal else DS_TAG,
                 load_optimizer_states=True,
                 load_lr_scheduler_states=False,
+                load_module_strict=not self.adapters_only,
             )
             if loaded is None:
                 raise CheckpointError(f"DeepSpeed could not load {path / 'deepspeed'}")
@@ -566,6 +590,7 @@ class Checkpointer:
                 self.optimizer.optimizer,
                 model_state_dict=state["model"],
                 optim_state_dict=state["optim"],
+                options=self._options(),
             )
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         # The schedule owns the learning rate: restore it into the optimizer in case the optimizer state

@@ -45,8 +45,9 @@ class ModelConfig:
     attn_implementation: str | None = None
     """Attention kernel: sdpa, eager, flash_attention_2, flash_attention_3 or a kernels hub id (when
     installed); null lets transformers choose (sdpa where the model supports it)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward: ~30% slower, far less activation memory."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in backward: ~30% slower, far less activation memory. null = on with
+    --peft.method qlora (the way QLoRA fits), off otherwise."""
     resize_embeddings: bool = False
     """Grow the embedding (and head) to the tokenizer's vocabulary when it is larger (tokens added on
     purpose); otherwise a tokenizer larger than the model's embedding is refused as a mismatch."""
@@ -58,6 +59,26 @@ class ModelConfig:
     """Embedded model only: attention heads (hidden_size must divide evenly)."""
     intermediate_size: int = 512
     """Embedded model only: MLP width (~4 x hidden_size)."""
+
+
+@dataclass
+class PeftConfig:
+    method: Literal["none", "lora", "qlora"] = "none"
+    """none: train every weight. lora: train low-rank adapters (peft) on a frozen model. qlora: the same on
+    a base loaded in 4-bit NF4 with double quantisation (bitsandbytes), computing in the precision of
+    --train.mixed_precision. Checkpoints then hold the adapters and their optimizer state only."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Adapter scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (0.05-0.1 helps on small data)."""
+    target_modules: list[str] | None = None
+    """Module names (or name suffixes) that get adapters; null = every linear layer of the decoder (not the
+    output head), resolved from the model and listed in the start-up line."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved beside the adapters, e.g. [embed_tokens, lm_head] when tokens were
+    added to the tokenizer."""
 
 
 @dataclass
@@ -219,6 +240,7 @@ class Config:
     overwrite_output_dir: bool = False
     """Start over in an output_dir that holds an earlier run (its dtrain files are removed)."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -235,6 +257,7 @@ class Config:
 
 _SECTION_CLASSES = {
     "model": ModelConfig,
+    "peft": PeftConfig,
     "data": DataConfig,
     "train": TrainConfig,
     "optim": OptimConfig,
@@ -539,6 +562,15 @@ def validate(cfg: Config) -> list[str]:
     positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
     positive("train.loss_chunk_size", t.loss_chunk_size, allow_zero=True)
     positive("train.max_nonfinite_steps", t.max_nonfinite_steps)
+    positive("peft.r", cfg.peft.r)
+    positive("peft.alpha", cfg.peft.alpha)
+    if not 0 <= cfg.peft.dropout < 1:
+        p.append(f"--peft.dropout must be in [0, 1) (got {cfg.peft.dropout})")
+    if cfg.peft.method == "qlora" and m.name_or_path is None:
+        p.append(
+            "--peft.method qlora loads a pretrained base in 4-bit: set --model.name_or_path (the embedded "
+            "model is built in memory, with no weights to quantise; use --peft.method lora for it)"
+        )
     positive("train.collective_timeout_s", t.collective_timeout_s)
     positive("data.max_length", d.max_length)
     positive("data.num_workers", d.num_workers, allow_zero=True)

@@ -101,12 +101,32 @@ def build_model(ckpt: Path, state_dict: dict[str, torch.Tensor]):
     return model
 
 
+def exported_model(ckpt: Path, adapter_only: bool):
+    """The model to save: the checkpoint's full weights, or for an adapter run (--peft.method) its base with
+    the adapters merged in (default) or the PEFT adapter model itself (--adapter-only)."""
+    marker = read_marker(ckpt)
+    base = (marker.get("model") or {}).get("base")
+    if (
+        base is None
+        and yaml.safe_load((ckpt / "config.yaml").read_text()).get("peft", {}).get("method", "none") == "none"
+    ):
+        if adapter_only:
+            raise UserError(f"--adapter-only: checkpoint {ckpt} trained every weight (no --peft.method); "
+                            "export it without --adapter-only")  # fmt: skip
+        return build_model(ckpt, full_state_dict(ckpt))
+    from dtrain.peft import load_adapted
+
+    adapted = load_adapted(ckpt, full_state_dict(ckpt), base)
+    return adapted if adapter_only else adapted.merge_and_unload()
+
+
 def export_checkpoint(
     checkpoint: Path,
     out_dir: Path,
     dtype: str | None = None,
     max_shard_size: str = "5GB",
     replace: bool = False,
+    adapter_only: bool = False,
 ) -> Path:
     """Write OUT_DIR atomically (a temporary directory renamed at the end). Returns the checkpoint used."""
     ckpt = find_checkpoint(Path(checkpoint))
@@ -118,7 +138,7 @@ def export_checkpoint(
         raise UserError(
             f"OUT_DIR {out_dir} exists and is not empty; pass --overwrite or choose another directory"
         )
-    model = build_model(ckpt, full_state_dict(ckpt))
+    model = exported_model(ckpt, adapter_only)
     if dtype is not None:
         model.to(DTYPES[dtype])
     tmp = out_dir.with_name(out_dir.name + ".tmp-export")
@@ -164,10 +184,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a non-empty OUT_DIR (after success)"
     )
+    parser.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="for a --peft.method run: write the PEFT adapter directory (PeftModel.from_pretrained) instead of "
+        "the base with the adapters merged in",
+    )
     args = parser.parse_args(argv)
     try:
         ckpt = export_checkpoint(
-            args.checkpoint, args.out_dir, args.dtype, args.max_shard_size, args.overwrite
+            args.checkpoint, args.out_dir, args.dtype, args.max_shard_size, args.overwrite, args.adapter_only
         )
     except UserError as exc:
         print(f"dtrain: error: {exc}", file=sys.stderr, flush=True)

@@ -25,6 +25,7 @@ import yaml
 
 from dtrain.config import Config, ConfigError, UserError, parse_config
 from dtrain.guards import deepspeed_check_off
+from dtrain.peft import qlora_refusal
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILE_DIR = REPO / "accelerate_configs"
@@ -147,6 +148,12 @@ def preflight(
         )
     if profile.kind == "deepspeed":
         problems += deepspeed_conflicts(profile, cfg, gpus * nodes)
+    refusal = qlora_refusal(profile.kind) if cfg.peft.method == "qlora" else None
+    if refusal:
+        problems.append(f"--peft.method qlora cannot run under {profile.name}: {refusal}; use the ddp or "
+                        "single_gpu profile")  # fmt: skip
+    if cfg.peft.method != "none" and importlib.util.find_spec("peft") is None:
+        problems.append(f"--peft.method {cfg.peft.method} needs the peft library: pip install 'dtrain[peft]'")
     needs = {"deepspeed": ("deepspeed", "deepspeed")}.get(profile.kind)
     if needs and importlib.util.find_spec(needs[0]) is None:
         problems.append(f"profile {profile.name} needs DeepSpeed: pip install 'dtrain[{needs[1]}]'")

@@ -64,8 +64,16 @@ def build_tokenizer(cfg: ModelConfig):
 
 
 def build_model(
-    cfg: ModelConfig, tokenizer, data: DataConfig, eval_cfg: EvalConfig, longest: int | None = None
+    cfg: ModelConfig,
+    tokenizer,
+    data: DataConfig,
+    eval_cfg: EvalConfig,
+    longest: int | None = None,
+    quantization=None,
+    device_map=None,
 ):
+    """The embedded tiny Llama or the pretrained model; `quantization` (QLoRA's BitsAndBytesConfig) loads
+    the pretrained weights in 4-bit."""
     if cfg.name_or_path is None:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -91,9 +99,16 @@ def build_model(
         kwargs = {"dtype": _DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
+        if quantization is not None:
+            kwargs.update(quantization_config=quantization, device_map=device_map)
         try:
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
         except Exception as exc:
+            if quantization is not None and Path(cfg.name_or_path).expanduser().is_dir():
+                reason = " ".join(str(exc).split())[:300]
+                raise UserError(
+                    f"--peft.method qlora: could not load '{cfg.name_or_path}' in 4-bit: {reason}"
+                ) from None
             raise _load_error("name_or_path", cfg.name_or_path, exc) from None
         check_vocabulary(cfg, model, tokenizer)
     check_max_length(cfg, model, data, longest)
@@ -173,6 +188,13 @@ def count_parameters(model: torch.nn.Module) -> int:
 _WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "module.")
 
 
+def clean_name(name: str) -> str:
+    """A parameter's name without the wrappers' prefixes (DDP, FSDP, activation checkpointing, compile)."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
 def model_identity(model) -> dict:
     """What makes a checkpoint's weights this model's: class, vocabulary rows, parameter count, and a hash
     of every parameter's name and shape (wrapper prefixes removed; ZeRO-3's `ds_shape`), for the marker."""
@@ -180,9 +202,7 @@ def model_identity(model) -> dict:
 
     lines = []
     for name, p in model.named_parameters(remove_duplicate=False):
-        for part in _WRAPPER_PARTS:
-            name = name.replace(part, "")
-        lines.append(f"{name} {tuple(getattr(p, 'ds_shape', p.shape))}")
+        lines.append(f"{clean_name(name)} {tuple(getattr(p, 'ds_shape', p.shape))}")
     return {
         "architecture": type(model).__name__,
         "vocab_size": model.get_input_embeddings().num_embeddings,

@@ -51,6 +51,7 @@ from dtrain.modeling import (
 )
 from dtrain.optim import build_optimizer, build_scheduler, optimizer_state_row
 from dtrain.packing import check_isolation, probe_rows
+from dtrain.peft import add_adapters, base_reference, describe, load_options, summary
 from dtrain.rundir import prepare_output_dir, record_end, resolve_resume, write_run_files
 from dtrain.runtime import (
     build_accelerator,
@@ -167,8 +168,12 @@ def setup(cfg: Config, argv: list[str]) -> Run:
     set_seed(cfg.train.seed)
     tokenizer = build_tokenizer(cfg.model)
     data = load_run_data(cfg, tokenizer, accelerator)
-    model = build_model(cfg.model, tokenizer, cfg.data, cfg.eval, data.stats["longest_example"])
-    identity = model_identity(model)
+    set_seed(cfg.train.seed)  # the embedded model's weights depend on the seed alone (export rebuilds a base)
+    model = build_model(cfg.model, tokenizer, cfg.data, cfg.eval, data.stats["longest_example"],
+                        **load_options(cfg, accelerator))  # fmt: skip
+    base = base_reference(cfg, model)  # --peft.method lora|qlora: the frozen base the adapters belong to
+    model = add_adapters(model, cfg)
+    identity = {**model_identity(model), **({"base": base} if base else {})}
     if plan.path is not None:  # a checkpoint of another model is refused before anything is read from it
         check_model_identity(plan.path, identity, cfg)
     num_params = identity["parameters"]
@@ -229,11 +234,13 @@ def check_fast_paths(
 def record_run(run: Run, argv: list[str], resumed_from: Path | None, changes: list[str]) -> None:
     """config.yaml and run_info.json, the trackers, and the start-up line."""
     acc, cfg, state = run.accelerator, run.cfg, run.state
+    adapters = summary(acc.unwrap_model(run.model), cfg)  # None without --peft.method
     if acc.is_main_process:
         info = run_info(acc, cfg, argv, run.data.stats, run.num_params)
         info["distributed"]["sharded_parameters"] = count_sharded(run.model)
         info["distributed"]["fsdp_units"] = fsdp_unit_classes(run.model)
         info["compiled_modules"] = compiled_modules(run.model)
+        info["peft"] = adapters
         if resumed_from is not None:
             info["resumed_from"] = {
                 "checkpoint": str(resumed_from),
@@ -248,6 +255,7 @@ def record_run(run: Run, argv: list[str], resumed_from: Path | None, changes: li
         f"dtrain: {run.num_params / 1e6:.2f}M params | {acc.distributed_type} x{world} | precision "
         f"{acc.mixed_precision} | global batch {t.per_device_batch_size} x {t.gradient_accumulation_steps} "
         f"x {world} = {run.global_batch} | {run.max_steps} steps | {run.data.stats}"
+        + (f" | {describe(adapters)}" if adapters else "")
     )
     for warning in run.data.warnings:
         run.logger.write(warning)

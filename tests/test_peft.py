@@ -1,0 +1,140 @@
+"""LoRA and QLoRA through peft (`--peft.method lora|qlora`), on a user's pretrained directory: adapters only
+train, checkpoints hold only them (plus their optimizer state and the base's fingerprint), resume is exact,
+the export merges them (or writes the adapter directory), and 2 CPU ranks under every allowed profile give
+the losses of one process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    TINY,
+    assert_ok,
+    run_dtrain,
+    run_train,
+    save_pretrained_dir,
+    train_rows,
+)
+from safetensors.torch import load_file
+
+from dtrain.tasks import build_char_tokenizer
+
+LORA = ["--peft.method", "lora", "--peft.r", "8", "--peft.alpha", "16", "--train.max_steps", "6",
+        "--eval.num_generate", "0", "--eval.num_samples", "0", "--optim.lr", "1e-2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    """A user's Qwen2 directory (tied embeddings, biases on q/k/v) saved with the character tokenizer."""
+    root = tmp_path_factory.mktemp("qwen2_base")
+    words = ["apple", "river", "stone", "cloud", "maple", "tiger", "lemon", "piano"]
+    rows = [{"instruction": "Write the word in capitals.", "input": w * (1 + i % 3), "output": (w * (1 + i % 3)).upper()}
+            for i, w in enumerate(words * 8)]  # fmt: skip
+    (root.parent / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return save_pretrained_dir(root / "model", "qwen2", build_char_tokenizer(), seed=3)
+
+
+def lora_args(base: Path, out: Path, *extra: str) -> list[str]:
+    data = Path(base).parent.parent / "data.jsonl"
+    return [*TINY, *LORA, "--model.name_or_path", str(base), "--data.path", str(data), "--data.template", "alpaca",
+            "--output_dir", str(out), *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def single(base_dir, tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("lora_single") / "run"
+    proc = run_train(lora_args(base_dir, out))
+    assert_ok(proc)
+    return out, proc.stdout
+
+
+def test_only_the_adapters_train_and_the_startup_line_says_how_many(single, base_dir):
+    out, stdout = single
+    info = json.loads((out / "run_info.json").read_text())["peft"]
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))  # fmt: skip
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    assert info["trainable_parameters"] == trainable and info["total_parameters"] == total
+    assert info["target_modules"] == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
+    assert f"({100 * trainable / total:.2f}%)" in stdout and "LoRA r8 alpha 16 on down_proj," in stdout
+    # the base is untouched: every weight LoRA does not target is bitwise the base's in the merged export
+    merged, base = load_file(out / "final" / "model.safetensors"), load_file(base_dir / "model.safetensors")
+    assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert torch.equal(merged["model.norm.weight"], base["model.norm.weight"])
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           base["model.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+
+
+def test_a_checkpoint_holds_the_adapters_and_their_optimizer_state_only(single):
+    import torch.distributed.checkpoint as dcp
+
+    out, _ = single
+    ckpt = out / "checkpoints" / "step-00000003"
+    keys = list(dcp.FileSystemReader(str(ckpt / "dcp")).read_metadata().state_dict_metadata)
+    weights = [k for k in keys if k.startswith("model.") and k.endswith("weight")]
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights), weights
+    assert any(k.startswith("optim.state.") and "lora_A" in k for k in keys)
+    marker = json.loads((ckpt / "dtrain_checkpoint.json").read_text())
+    assert marker["model"]["base"]["name_or_path"].endswith("qwen2_base0/model")
+    assert len(marker["model"]["base"]["fingerprint"]) == 32
+
+
+def test_merged_and_unmerged_exports_give_the_same_logits(single, base_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, _ = single
+    assert_ok(run_dtrain("export", str(out), str(tmp_path / "adapter"), "--adapter-only"))
+    assert_ok(run_dtrain("export", str(out), str(tmp_path / "merged")))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # a plain model: no peft needed
+    ids = torch.tensor([[1, 20, 31, 42, 53, 64, 75, 12]])
+    with torch.no_grad():
+        a, b = unmerged(input_ids=ids).logits, merged(input_ids=ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    final = load_file(out / "final" / "model.safetensors")  # final/ is the same merged export
+    exported = load_file(tmp_path / "merged" / "model.safetensors")
+    assert final.keys() == exported.keys() and all(torch.equal(final[k], exported[k]) for k in final)
+    with torch.no_grad():  # and the adapters changed the model
+        assert not torch.allclose(a, AutoModelForCausalLM.from_pretrained(base_dir)(input_ids=ids).logits)
+
+
+def test_resume_is_exact_and_a_changed_base_is_refused(single, base_dir, tmp_path):
+    out, _ = single
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
+    assert_ok(run_train(lora_args(base_dir, resumed)))
+    a = {r["step"]: r["loss"] for r in train_rows(out)}
+    b = {r["step"]: r["loss"] for r in train_rows(resumed)}
+    assert sorted(b) == [4, 5, 6] and all(a[s] == b[s] for s in b), (a, b)
+    # the same path now holding other weights (a re-download, another fine-tune saved over it)
+    again = tmp_path / "again"
+    (again / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "checkpoints" / "step-00000003", again / "checkpoints" / "step-00000003")
+    shutil.copytree(base_dir, tmp_path / "moved_base")
+    save_pretrained_dir(base_dir, "qwen2", build_char_tokenizer(), seed=4)  # changed in place
+    try:
+        proc = run_train(lora_args(base_dir, again))
+    finally:
+        shutil.rmtree(base_dir)
+        shutil.copytree(tmp_path / "moved_base", base_dir)  # put the module's base back
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "holds adapters trained on the base" in proc.stderr and "--model.name_or_path" in proc.stderr
