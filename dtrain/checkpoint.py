@@ -509,12 +509,13 @@ class Checkpointer:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer.optimizer, options=self._options())
-        if self.adapters_only:  # torch keeps a frozen tied head (the embedding under a second name): drop it
+        if self.adapters_only:  # what trains only: torch keeps a frozen tied head (the embedding under a
+            # second name) and the base's buffers (QLoRA's quantisation state), which come from the base's files
             from dtrain.modeling import clean_name
 
-            frozen = {clean_name(n) for n, p in self.model.named_parameters(remove_duplicate=False)
-                      if not p.requires_grad}  # fmt: skip
-            model_sd = {k: v for k, v in model_sd.items() if k not in frozen}
+            trains = {clean_name(n) for n, p in self.model.named_parameters(remove_duplicate=False)
+                      if p.requires_grad}  # fmt: skip
+            model_sd = {k: v for k, v in model_sd.items() if k in trains}
         return {"model": model_sd, "optim": optim_sd}
 
     def _commit(self, tmp: Path, final: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from dtrain.config import Config, PeftConfig, UserError
@@ -180,8 +181,9 @@ def load_adapted(ckpt: Path, state_dict: dict, saved_base: dict | None):
         from transformers import AutoModelForCausalLM
 
         try:
-            base = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype="auto",
-                                                        trust_remote_code=cfg.model.trust_remote_code)  # fmt: skip
+            with _one_process_load():
+                base = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype="auto",
+                                                            trust_remote_code=cfg.model.trust_remote_code)  # fmt: skip
         except Exception as exc:
             reason = " ".join(str(exc).split())[:200]
             raise CheckpointError(f"checkpoint {ckpt} holds adapters only; its base '{cfg.model.name_or_path}' "
@@ -201,3 +203,20 @@ def load_adapted(ckpt: Path, state_dict: dict, saved_base: dict | None):
             f"checkpoint {ckpt} does not match its run's adapters: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     return model
+
+
+@contextmanager
+def _one_process_load():
+    """Inside a ZeRO-3 run (its final/ export), transformers would partition a model it loads across the
+    ranks (zero.Init) and wait for the others: the export loads for this one process only."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        yield
+        return
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None  # no public switch for this; restored below
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved

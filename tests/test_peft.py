@@ -14,6 +14,7 @@ import torch
 from conftest import (
     TINY,
     assert_ok,
+    dtrain_launch,
     run_dtrain,
     run_train,
     save_pretrained_dir,
@@ -138,3 +139,111 @@ def test_resume_is_exact_and_a_changed_base_is_refused(single, base_dir, tmp_pat
         shutil.copytree(tmp_path / "moved_base", base_dir)  # put the module's base back
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "holds adapters trained on the base" in proc.stderr and "--model.name_or_path" in proc.stderr
+
+
+@pytest.mark.parametrize("profile", ["ddp", "fsdp", "zero2", "zero3"])
+def test_two_ranks_give_the_losses_of_one_process(single, base_dir, tmp_path, profile):
+    """The same global batch (2 ranks x 2 = 1 process x 4); FSDP2 wraps decoder layers whose frozen base and
+    trainable adapters share one unit; ZeRO-3 partitions both. The adapters-only checkpoint and the merged
+    final/ come out of every profile."""
+    out = tmp_path / "run"
+    proc = dtrain_launch(profile, lora_args(base_dir, out, "--train.per_device_batch_size", "2"))
+    assert_ok(proc)
+    one = {r["step"]: r["loss"] for r in train_rows(single[0])}
+    two = {r["step"]: r["loss"] for r in train_rows(out)}
+    assert one.keys() == two.keys()
+    for step in one:
+        assert abs(two[step] - one[step]) <= 1e-5 * abs(one[step]), (profile, step, one[step], two[step])
+    merged_one = load_file(single[0] / "final" / "model.safetensors")
+    merged_two = load_file(out / "final" / "model.safetensors")
+    for k in merged_one:
+        torch.testing.assert_close(merged_two[k], merged_one[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+# --------------------------------------------------------------------------------------------
+# QLoRA: a 4-bit NF4 base (bitsandbytes runs 4-bit on CPU since 0.4x), single and ddp
+# --------------------------------------------------------------------------------------------
+
+QLORA = ["--peft.method", "qlora"]
+
+
+@pytest.fixture(scope="module")
+def qlora_base(base_dir, tmp_path_factory) -> Path:
+    """The same family 64 wide: bitsandbytes' CPU 4-bit kernel works in blocks of 64 input features."""
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("qwen2", build_char_tokenizer())
+    config.hidden_size, config.intermediate_size = 64, 128
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("qwen2_64") / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    build_char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def qlora_single(qlora_base, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("qlora_single") / "run"
+    assert_ok(run_train(lora_args(qlora_base, out, *QLORA)))
+    return out
+
+
+def test_qlora_trains_adapters_on_a_4bit_base_with_checkpointing_on(qlora_single, qlora_base, tmp_path):
+    info = json.loads((qlora_single / "run_info.json").read_text())["peft"]
+    assert info["method"] == "qlora" and info["gradient_checkpointing"]
+    # the 4-bit base counted at its real size, not its packed storage: as LoRA on the full-precision base
+    lora = tmp_path / "lora"
+    assert_ok(run_train(lora_args(qlora_base, lora, "--train.max_steps", "1")))
+    plain = json.loads((lora / "run_info.json").read_text())["peft"]
+    assert not plain["gradient_checkpointing"]
+    assert (info["trainable_parameters"], info["total_parameters"]) == (plain["trainable_parameters"],
+                                                                         plain["total_parameters"])  # fmt: skip
+    from transformers import AutoModelForCausalLM
+
+    from dtrain.peft import quantization_config
+
+    quantized = AutoModelForCausalLM.from_pretrained(
+        qlora_base, quantization_config=quantization_config("no")
+    )
+    assert type(quantized.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"  # what the run trained on
+    losses = [r["loss"] for r in train_rows(qlora_single)]
+    assert losses[-1] < losses[0]  # it learns
+    # the merged export folds the adapters into the full-precision base: a plain, unquantised model
+    merged = load_file(qlora_single / "final" / "model.safetensors")
+    assert merged["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+
+
+def test_qlora_on_two_ddp_ranks_gives_the_losses_of_one_process(qlora_single, qlora_base, tmp_path):
+    out = tmp_path / "run"
+    assert_ok(dtrain_launch("ddp", lora_args(qlora_base, out, *QLORA, "--train.per_device_batch_size", "2")))
+    one = {r["step"]: r["loss"] for r in train_rows(qlora_single)}
+    two = {r["step"]: r["loss"] for r in train_rows(out)}
+    assert one.keys() == two.keys()
+    assert all(abs(two[s] - one[s]) <= 1e-5 * abs(one[s]) for s in one), (one, two)
+
+
+@pytest.mark.parametrize("profile", ["fsdp", "zero2", "zero3"])
+def test_qlora_under_a_sharding_profile_is_refused_before_launch(profile, base_dir):
+    from dtrain import launch
+    from dtrain.config import parse_config
+
+    cfg = parse_config(lora_args(base_dir, base_dir.parent / "unused", *QLORA))
+    problems = launch.preflight(
+        launch.load_profile(profile), cfg, gpus=2, cpu=True, gpus_present=0, bf16_ok=False
+    )
+    assert (
+        len(problems) == 1 and "--peft.method qlora cannot run under" in problems[0] and "ddp" in problems[0]
+    )
+    lora = parse_config(["--peft.method", "lora"])
+    assert (
+        launch.preflight(launch.load_profile(profile), lora, gpus=2, cpu=True, gpus_present=0, bf16_ok=False)
+        == []
+    )
+
+
+def test_qlora_needs_a_pretrained_base():
+    from dtrain.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="--peft.method qlora loads a pretrained base in 4-bit"):
+        parse_config(["--peft.method", "qlora"])
