@@ -46,6 +46,7 @@ from dtrain.modeling import (
     attn_implementation,
     build_model,
     build_tokenizer,
+    count_parameters,
     flops_per_token,
     model_identity,
 )
@@ -123,6 +124,7 @@ class Run:
     batcher: object  # train batches: Collator, or PackedCollator with --data.packing
     max_steps: int
     num_params: int
+    trained_params: int
     already_complete: bool = False
     stop: StopRequest | None = None  # signals turned into a stop every rank agrees on
     guard: NonfiniteGuard | None = None  # the agreed verdict on non-finite steps
@@ -177,6 +179,7 @@ def setup(cfg: Config, argv: list[str]) -> Run:
     if plan.path is not None:  # a checkpoint of another model is refused before anything is read from it
         check_model_identity(plan.path, identity, cfg)
     num_params = identity["parameters"]
+    trained_params = count_parameters(model, trainable_only=True)  # all of them, or the adapters
     flops = flops_per_token(model, num_params, cfg.data.max_length)  # for MFU on CUDA
     max_steps = total_steps(cfg, len(data.train), accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.optim, accelerator.device)
@@ -202,7 +205,7 @@ def setup(cfg: Config, argv: list[str]) -> Run:
     batcher = train_collator(cfg.data, tokenizer.pad_token_id, device_type, attention)
     check_fast_paths(cfg, model, data, batcher, len(tokenizer), attention, accelerator.device)
     run = Run(cfg, accelerator, tokenizer, data, model, optimizer, scheduler, state, checkpointer, logger,
-              collator, batcher, max_steps, num_params, stop=StopRequest(accelerator, cfg.train.collective_timeout_s),
+              collator, batcher, max_steps, num_params, trained_params, stop=StopRequest(accelerator, cfg.train.collective_timeout_s),
               guard=NonfiniteGuard(accelerator),
               stats=StepStats(accelerator.device), order=DataOrder(len(data.train), cfg.train.seed))  # fmt: skip
     if plan.path is not None:
@@ -456,7 +459,7 @@ def log_train(run: Run, grad_norm) -> None:
     if state.nonfinite_steps:
         row["nonfinite_steps"] = state.nonfinite_steps
     if not run.state_reported:  # the optimizer state exists after one step
-        row.update(optimizer_state_row(acc, run.optimizer, run.num_params))
+        row.update(optimizer_state_row(acc, run.optimizer, run.trained_params))  # per parameter it updates
         run.state_reported = True
     run.logger.log(row)
 

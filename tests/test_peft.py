@@ -247,3 +247,17 @@ def test_qlora_needs_a_pretrained_base():
 
     with pytest.raises(ConfigError, match="--peft.method qlora loads a pretrained base in 4-bit"):
         parse_config(["--peft.method", "qlora"])
+
+
+def test_an_8bit_optimizer_updates_the_adapters_only(qlora_base, tmp_path):
+    """Rank 64 on the 64-wide base: every adapter matrix has the 4096 elements from which bitsandbytes keeps
+    8-bit state (smaller tensors keep fp32 state, by its design)."""
+    out = tmp_path / "run"
+    assert_ok(run_train(lora_args(qlora_base, out, "--optim.name", "adamw_8bit", "--train.max_steps", "3",
+                                  "--peft.r", "64")))  # fmt: skip
+    rows = train_rows(out)
+    first = next(r for r in rows if "optim_state_bytes_per_param" in r)
+    # bitsandbytes keeps two uint8 moments (~2 bytes) per adapter parameter; the frozen base has none
+    assert "uint8" in first["optim_state_dtypes"] and 1.9 < first["optim_state_bytes_per_param"] < 3.0
+    info = json.loads((out / "run_info.json").read_text())["peft"]
+    assert info["trainable_parameters"] < info["total_parameters"]  # the bytes above are per adapter parameter
