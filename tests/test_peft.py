@@ -260,4 +260,22 @@ def test_an_8bit_optimizer_updates_the_adapters_only(qlora_base, tmp_path):
     # bitsandbytes keeps two uint8 moments (~2 bytes) per adapter parameter; the frozen base has none
     assert "uint8" in first["optim_state_dtypes"] and 1.9 < first["optim_state_bytes_per_param"] < 3.0
     info = json.loads((out / "run_info.json").read_text())["peft"]
-    assert info["trainable_parameters"] < info["total_parameters"]  # the bytes above are per adapter parameter
+    assert (
+        info["trainable_parameters"] < info["total_parameters"]
+    )  # the bytes above are per adapter parameter
+
+
+def test_the_lora_recipe_runs_on_the_embedded_default(tmp_path):
+    """dtrain/recipes/sft_lora.yaml, cut to 2 steps (its full 1000-step run is measured in the README)."""
+    from conftest import REPO
+
+    recipe = REPO / "dtrain" / "recipes" / "sft_lora.yaml"
+    out = tmp_path / "run"
+    proc = run_train(["--config", str(recipe), "--output_dir", str(out), "--train.max_steps", "2",
+                      "--data.synthetic_train_examples", "200", "--eval.num_generate", "8", "--log.progress_bar", "false"])  # fmt: skip
+    assert_ok(proc)
+    info = json.loads((out / "run_info.json").read_text())["peft"]
+    assert info["method"] == "lora" and info["modules_to_save"] == ["embed_tokens"]
+    from conftest import read_metrics
+
+    assert [r["step"] for r in read_metrics(out) if "eval_exact_match" in r] == [0, 2]  # baseline, then final
