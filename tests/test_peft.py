@@ -158,6 +158,13 @@ def test_two_ranks_give_the_losses_of_one_process(single, base_dir, tmp_path, pr
     merged_two = load_file(out / "final" / "model.safetensors")
     for k in merged_one:
         torch.testing.assert_close(merged_two[k], merged_one[k], rtol=1e-4, atol=1e-5, msg=k)
+    if profile == "ddp":  # and the 2-rank adapter checkpoint resumes with bitwise-equal losses
+        resumed = tmp_path / "resumed"
+        (resumed / "checkpoints").mkdir(parents=True)
+        shutil.copytree(out / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
+        assert_ok(dtrain_launch(profile, lora_args(base_dir, resumed, "--train.per_device_batch_size", "2")))
+        again = {r["step"]: r["loss"] for r in train_rows(resumed)}
+        assert sorted(again) == [4, 5, 6] and all(again[s] == two[s] for s in again), (two, again)
 
 
 # --------------------------------------------------------------------------------------------
