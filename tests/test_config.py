@@ -146,7 +146,7 @@ def test_suggestion_is_a_valid_key(argv, closest):
 def test_unknown_section_lists_valid_sections():
     message = parse_error(["--foo.bar", "1"])
     assert "foo.bar" in message
-    for section in ("model", "data", "train", "optim", "eval", "checkpoint", "log"):
+    for section in ("model", "peft", "data", "train", "optim", "eval", "checkpoint", "log"):
         assert section in message
 
 
@@ -341,6 +341,7 @@ def test_to_yaml_keeps_field_order():
         "output_dir",
         "overwrite_output_dir",
         "model",
+        "peft",
         "data",
         "train",
         "optim",
