@@ -404,21 +404,24 @@ def describe_window(run: Run) -> dict:
 def halt(run: Run, message: str) -> None:
     """Stop every rank here with NONFINITE_EXIT_CODE, saving nothing: the newest checkpoint is the resume
     point. (All ranks call this alike, so the stop round in flight is finished by all.)"""
-    state, acc = run.state, run.accelerator
     run.stop.close()
     last = complete_checkpoints(run.checkpointer.root)
-    resume = (
-        f"the newest checkpoint {last[-1].name} is the resume point" if last else "no checkpoint was saved"
-    )
+    resume = f"the newest checkpoint {last[-1].name} is the resume point" if last else "no checkpoint was saved"
+    end_early(run, "nonfinite", f"dtrain: {message}; {resume} (exit code {NONFINITE_EXIT_CODE})",
+              checkpoint=str(last[-1]) if last else None)  # fmt: skip
+    raise RunHalted(NONFINITE_EXIT_CODE)
+
+
+def end_early(run: Run, reason: str, line: str, **details) -> None:
+    """A run that stops before its end: why, in run_info.json and one log line; then the ranks leave
+    together, as at the end of finish()."""
+    acc = run.accelerator
     if acc.is_main_process:
-        record_end(
-            Path(run.cfg.output_dir), "nonfinite", state.step, checkpoint=str(last[-1]) if last else None
-        )
-    run.logger.write(f"dtrain: {message}; {resume} (exit code {NONFINITE_EXIT_CODE})")
+        record_end(Path(run.cfg.output_dir), reason, run.state.step, **details)
+    run.logger.write(line)
     run.logger.close()
     acc.wait_for_everyone()
     acc.end_training()
-    raise RunHalted(NONFINITE_EXIT_CODE)
 
 
 def roll_back(run: Run) -> None:
@@ -503,20 +506,11 @@ def finish(run: Run) -> None:
 
 def stop_on_request(run: Run, signal_name: str) -> int:
     """After the agreed stop's checkpoint: say why in run_info.json and the log, exit with STOP_EXIT_CODE."""
-    state, acc = run.state, run.accelerator
     run.stop.close()
     last = run.checkpointer.save()  # already committed in the loop: returns its path
-    if acc.is_main_process:
-        record_end(
-            Path(run.cfg.output_dir), "stop_request", state.step, signal=signal_name, checkpoint=str(last)
-        )
-    run.logger.write(
-        f"dtrain: stopped by {signal_name} at step {state.step}; checkpoint {last.name} saved; rerun the same "
-        f"command to resume (exit code {STOP_EXIT_CODE})"
-    )
-    run.logger.close()
-    acc.wait_for_everyone()  # the ranks leave together, as at the end of finish()
-    acc.end_training()
+    end_early(run, "stop_request", f"dtrain: stopped by {signal_name} at step {run.state.step}; checkpoint "
+              f"{last.name} saved; rerun the same command to resume (exit code {STOP_EXIT_CODE})",
+              signal=signal_name, checkpoint=str(last))  # fmt: skip
     return STOP_EXIT_CODE
 
 
