@@ -70,6 +70,8 @@ class TrainState:
     nonfinite_in_a_row: int = 0  # the current streak of them (skip stops the run at max_nonfinite_steps)
     rollbacks: int = 0  # reloads of the newest checkpoint after a fault, since a checkpoint was last saved
     skip_windows: list[int] = field(default_factory=list)  # data positions of windows a rollback skips
+    source_rows: list[int] = field(default_factory=list)  # per data source: train rows consumed
+    source_tokens: list[int] = field(default_factory=list)  # per data source: their tokens (no padding)
     early_stopped: bool = False
 
     def state_dict(self) -> dict:

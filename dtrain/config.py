@@ -82,14 +82,49 @@ class PeftConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One entry of data.sources. Unset fields (null) take the data section's value."""
+
+    path: str
+    """Train data of this source: a json/jsonl/csv/parquet file, a directory of them, a `datasets`
+    save_to_disk directory, or a hub dataset name."""
+    name: str | None = None
+    """Name in logs and metrics (eval_loss/<name>); null = the file's stem (or the hub id's last part)."""
+    weight: float = 1.0
+    """Share of the train tokens drawn from this source, relative to the other sources' weights (2 and 1:
+    two thirds and one third). A source that runs out starts a new epoch, reshuffled, so a weight above
+    its size oversamples it and one below undersamples it."""
+    template: Literal["alpaca", "chat", "text"] | None = None
+    """This source's template; null = data.template."""
+    text_column: str | None = None
+    """null = data.text_column."""
+    messages_column: str | None = None
+    """null = data.messages_column."""
+    chat_template: str | None = None
+    """null = data.chat_template."""
+    split: str | None = None
+    """null = data.split."""
+    eval_path: str | None = None
+    """Held-out data of this source; null holds out eval_fraction of path, by document."""
+    eval_fraction: float | None = None
+    """null = data.eval_fraction; 0 holds nothing out of this source."""
+
+
+@dataclass
 class DataConfig:
     path: str | None = None
     """Train data: local json/jsonl/csv/parquet file, a `datasets.save_to_disk` directory, or a hub
-    dataset name. null generates the embedded synthetic tasks into <output_dir>/data/."""
+    dataset name: the one-source shorthand of data.sources. null (and no sources) generates the
+    embedded synthetic tasks into <output_dir>/data/."""
+    sources: list[SourceConfig] | None = None
+    """Several sources mixed by weight (each with its own template, columns, split and eval data), e.g.
+    [{path: web.jsonl, template: text, weight: 3}, {path: chat.jsonl, weight: 1}]. A weight counts train
+    tokens; the blend is the same at every position whatever max_steps or the number of processes."""
     eval_path: str | None = None
     """Eval data (same forms as path). null holds out eval_fraction of path (or the synthetic eval set)."""
     eval_fraction: float = 0.02
-    """Fraction of the train data held out for eval when eval_path is null (seeded split)."""
+    """Fraction of the train documents held out for eval when eval_path is null (a fixed split: the same
+    documents whatever the seed)."""
     split: str = "train"
     """Split to read from hub datasets or DatasetDicts."""
     template: Literal["alpaca", "chat", "text"] = "chat"
@@ -102,11 +137,20 @@ class DataConfig:
     chat_template: str | None = None
     """A Jinja chat template file used instead of the tokenizer's chat template (or when it has none)."""
     max_length: int = 128
-    """Tokens per example; longer examples are truncated (and counted in the log), never dropped."""
+    """Tokens per example. text: a longer document is split into consecutive pieces of max_length tokens
+    (overlapping by one token, so every token is a target once): nothing is lost. chat and alpaca: a
+    longer example is truncated (prompt first; counted in the log), never dropped."""
     packing: bool = False
-    """Pack examples end to end into rows of max_length tokens (best-fit decreasing), each attending only
-    to itself (position ids restart per example, no attention mask): no compute spent on padding. A
-    train "sample" is then a packed row. Eval is never packed."""
+    """Pack examples end to end into rows of max_length tokens (best-fit decreasing, within each source),
+    each attending only to itself (position ids restart per example, no attention mask): no compute spent
+    on padding. A train "sample" is then a packed row. Eval is never packed."""
+    prepared: str | None = None
+    """A directory written by `dtrain prepare`: read memory-mapped on every rank, no tokenization. Its
+    manifest must match this run's sources, tokenizer, max_length and packing."""
+    num_proc: int = 1
+    """Worker processes that tokenize (on the main process only; the other ranks wait for it)."""
+    prepare_timeout_s: int = 86400
+    """How long the other ranks wait for the main process to tokenize before giving up (exit 2)."""
     num_workers: int = 0
     """DataLoader worker processes (0 = load in the training process)."""
     synthetic_tasks: list[str] = field(default_factory=lambda: ["reverse", "sort", "add", "upper"])
@@ -339,6 +383,8 @@ def _expected_value(detail: str) -> str | None:
 def _explain(message: str) -> tuple[str, str | None]:
     """A jsonargparse error -> (one line naming the key and the fix, the dotted key or None)."""
     first = message.strip().splitlines()[0] if message.strip() else message
+    if 'Parser key "data.sources"' in message:
+        return _explain_source(message), "data.sources"
     for pattern in _UNKNOWN_PATTERNS:
         m = pattern.search(message)
         if not m:
@@ -364,6 +410,29 @@ def _explain(message: str) -> tuple[str, str | None]:
         detail = re.sub(r"<class '(\w+)'>", r"\1", " ".join(detail.split()))
         return f"bad value for '{key}': {detail[:300]}", key
     return " ".join(first.split()), None
+
+
+def _explain_source(message: str) -> str:
+    """A data.sources entry the parser refused (jsonargparse nests the entry's own error)."""
+    keys = ", ".join(f.name for f in fields(SourceConfig))
+    inner = re.search(r'Parser key "(\w+)":\s*(.*)', message.split('Parser key "data.sources"', 1)[1], re.S)
+    if inner:
+        given = re.search(r"(?:Given value|Got value): (.*)", inner.group(2))
+        wanted = _expected_value(inner.group(2))
+        got = f"got '{given.group(1).strip()}'" if given else "bad value"
+        wanted = (wanted or "another value").replace(" or null", "")
+        return f"--data.sources: a source's {inner.group(1)} {got}, expected {wanted}"
+    unknown = re.search(r"Option '([\w\-]+)' is not accepted", message)
+    if unknown:
+        close = difflib.get_close_matches(unknown.group(1), [f.name for f in fields(SourceConfig)], n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"--data.sources: unknown key '{unknown.group(1)}' in a source; {hint}(a source has: {keys})"
+    if "required: path" in message:
+        return "--data.sources: every source needs a path (a file, a directory, a saved dataset or a hub id)"
+    return (
+        "--data.sources: expected a list of sources, each a mapping such as {path: data.jsonl, weight: 1} "
+        f"(a source has: {keys})"
+    )
 
 
 def _explain_parse_error(message: str) -> str:
@@ -510,6 +579,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
         overwrite_output_dir=ns.overwrite_output_dir,
         **{section: cls(**vars(ns[section])) for section, cls in _SECTION_CLASSES.items()},
     )
+    if cfg.data.sources:  # jsonargparse hands nested dataclasses over as namespaces
+        cfg.data.sources = [s if is_dataclass(s) else SourceConfig(**vars(s)) for s in cfg.data.sources]
     problems = validate(cfg)
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
@@ -544,6 +615,82 @@ def looks_local(path: str) -> bool:
     )
 
 
+def source_name(path: str) -> str:
+    """A source's default name: the file's stem, a directory's name, or a hub id's last part."""
+    p = Path(path.rstrip("/\\"))
+    return p.stem if p.suffix.lower() in _DATA_SUFFIXES else p.name
+
+
+def resolved_sources(d: DataConfig) -> list[SourceConfig]:
+    """data.sources (or the data.path shorthand) with every null filled from the data section: the one
+    place those fallbacks live. Empty for the embedded synthetic data."""
+    from dataclasses import replace
+
+    if d.sources:
+        given = d.sources
+    elif d.path is not None:
+        given = [SourceConfig(path=d.path, eval_path=d.eval_path)]
+    else:
+        return []
+    out = []
+    for s in given:
+        s = s if is_dataclass(s) else SourceConfig(**(s if isinstance(s, dict) else vars(s)))
+        out.append(
+            replace(
+                s,
+                name=s.name or source_name(s.path),
+                template=s.template or d.template,
+                text_column=s.text_column or d.text_column,
+                messages_column=s.messages_column or d.messages_column,
+                chat_template=s.chat_template if s.chat_template is not None else d.chat_template,
+                split=s.split or d.split,
+                eval_fraction=d.eval_fraction if s.eval_fraction is None else s.eval_fraction,
+            )
+        )
+    return out
+
+
+def _check_sources(d: DataConfig, p: list[str]) -> None:
+    if d.sources and (d.path is not None or d.eval_path is not None):
+        which = "--data.path" if d.path is not None else "--data.eval_path"
+        p.append(
+            f"{which} and --data.sources both name train data; list every source under data.sources (a "
+            "source's held-out data is its eval_path) and remove data.path/data.eval_path"
+        )
+        return
+    if d.sources is not None and not d.sources:
+        p.append("--data.sources is an empty list; list at least one source, or set it to null")
+        return
+    seen: dict[str, str] = {}
+    for i, s in enumerate(resolved_sources(d)):
+        where = f"--data.sources[{i}]" if d.sources else "--data.path"
+        if not (isinstance(s.weight, (int, float)) and s.weight > 0) or s.weight != s.weight:
+            p.append(f"{where}.weight must be a number > 0 (got {s.weight}); a weight is the source's share")
+        if s.name in seen:
+            p.append(
+                f"{where}: two sources are named '{s.name}' ({seen[s.name]} and {s.path}); give one of them "
+                f"another name (e.g. name: {s.name}_2)"
+            )
+        seen[s.name] = s.path
+        if not 0.0 <= s.eval_fraction < 1.0:
+            p.append(f"{where}.eval_fraction must be in [0, 1) (got {s.eval_fraction})")
+        names = [("path", s.path), ("eval_path", s.eval_path)] if d.sources else []
+        for field_name, value in names:
+            if value and looks_local(value) and not Path(value).expanduser().exists():
+                p.append(
+                    f"{where}.{field_name}: '{value}' does not exist; give a json/jsonl/csv/parquet file, a "
+                    "directory of them, a saved dataset dir or a hub dataset name"
+                )
+        if d.sources and s.chat_template and not Path(s.chat_template).expanduser().is_file():
+            p.append(f"{where}.chat_template: file '{s.chat_template}' does not exist; give a Jinja chat template file")
+    if d.prepared is not None:
+        prepared = Path(d.prepared).expanduser()
+        if not prepared.is_dir():
+            p.append(
+                f"--data.prepared: '{d.prepared}' is not a directory; give the OUT_DIR that `dtrain prepare` wrote"
+            )
+
+
 def validate(cfg: Config) -> list[str]:
     p: list[str] = []
     t, o, d, e, c, lg, m = cfg.train, cfg.optim, cfg.data, cfg.eval, cfg.checkpoint, cfg.log, cfg.model
@@ -574,6 +721,9 @@ def validate(cfg: Config) -> list[str]:
     positive("train.collective_timeout_s", t.collective_timeout_s)
     positive("data.max_length", d.max_length)
     positive("data.num_workers", d.num_workers, allow_zero=True)
+    positive("data.num_proc", d.num_proc)
+    positive("data.prepare_timeout_s", d.prepare_timeout_s)
+    _check_sources(d, p)
     positive("data.synthetic_train_examples", d.synthetic_train_examples)
     positive("data.synthetic_eval_examples", d.synthetic_eval_examples)
     positive("optim.lr", o.lr)
@@ -605,7 +755,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"--data.eval_fraction must be in (0, 1) (got {d.eval_fraction})")
     if t.max_steps is not None and o.warmup_steps is not None and o.warmup_steps >= t.max_steps:
         p.append(f"--optim.warmup_steps ({o.warmup_steps}) must be < --train.max_steps ({t.max_steps})")
-    if d.template == "text" and e.metric == "exact_match":
+    templates = {s.template for s in resolved_sources(d)} or {d.template}
+    if templates == {"text"} and e.metric == "exact_match":
         p.append(
             "--eval.metric exact_match needs references; the text template has none: use --eval.metric loss"
         )
@@ -623,7 +774,7 @@ def validate(cfg: Config) -> list[str]:
                 p.append(
                     f"--data.synthetic_tasks: unknown task '{task}' (choose from {', '.join(SYNTHETIC_TASKS)})"
                 )
-        if d.path is None and d.template == "text":
+        if d.path is None and not d.sources and d.prepared is None and d.template == "text":
             p.append(
                 "the embedded synthetic data has chat and alpaca columns, no text: use --data.template chat or alpaca"
             )
@@ -666,9 +817,10 @@ def validate(cfg: Config) -> list[str]:
         p.append(
             f"--output_dir: '{cfg.output_dir}' is an existing file, not a directory; choose another --output_dir"
         )
-    if m.name_or_path is not None and d.path is None:
+    if m.name_or_path is not None and d.path is None and not d.sources and d.prepared is None:
         p.append(
-            "--data.path is required with --model.name_or_path (the embedded data needs the embedded tokenizer)"
+            "--data.path (or data.sources, or --data.prepared) is required with --model.name_or_path (the "
+            "embedded data needs the embedded tokenizer)"
         )
     if c.resume not in ("auto", "never") and not Path(c.resume).expanduser().is_dir():
         p.append(f"--checkpoint.resume: '{c.resume}' is not auto, never or an existing checkpoint directory")

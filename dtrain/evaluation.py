@@ -20,6 +20,13 @@ from dtrain.tasks import exact_match
 
 @torch.no_grad()
 def eval_loss(accelerator, model, dataset, batch_size: int, collator: Collator) -> float | None:
+    loss_sum, targets = eval_sums(accelerator, model, dataset, batch_size, collator)
+    return loss_sum / targets if targets else None  # an eval set with nothing to score has no loss, not 0
+
+
+@torch.no_grad()
+def eval_sums(accelerator, model, dataset, batch_size: int, collator: Collator) -> tuple[float, float]:
+    """(summed token loss, target tokens) over the eval set, over all ranks."""
     sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for batch in eval_batches(
         dataset, batch_size, accelerator.process_index, accelerator.num_processes, collator
@@ -29,7 +36,7 @@ def eval_loss(accelerator, model, dataset, batch_size: int, collator: Collator) 
             [forward_loss_sum(model, batch).double(), count_targets(batch["labels"]).double()]
         )
     loss_sum, targets = accelerator.reduce(sums, reduction="sum").tolist()
-    return loss_sum / targets if targets else None  # an eval set with nothing to score has no loss, not 0
+    return loss_sum, targets
 
 
 @torch.no_grad()
@@ -98,14 +105,20 @@ def generate_answers(
 def run_eval(
     accelerator, model, tokenizer, data: Data, cfg: Config, collator: Collator, step: int
 ) -> tuple[dict, list[dict]]:
-    """One eval row (eval_loss, eval_ppl, eval_exact_match...) and this rank's predictions."""
+    """One eval row (eval_loss, eval_ppl, eval_exact_match...) and this rank's predictions. With several
+    sources, eval_loss/<name> for each source with held-out data; eval_loss is over all their tokens."""
     model.eval()
     row: dict = {"step": step}
     batch_size = cfg.eval.batch_size or cfg.train.per_device_batch_size
-    if data.eval is not None:
-        loss = eval_loss(accelerator, model, data.eval, batch_size, collator)
-        if loss is not None:
-            row["eval_loss"], row["eval_ppl"] = loss, math.exp(min(loss, 50.0))
+    loss_sum = targets = 0.0
+    for name, dataset in data.eval.items():
+        s, t = eval_sums(accelerator, model, dataset, batch_size, collator)
+        if t and len(data.names) > 1:
+            row[f"eval_loss/{name}"] = s / t
+        loss_sum, targets = loss_sum + s, targets + t
+    if targets:  # an eval set with nothing to score has no loss, not 0
+        loss = loss_sum / targets
+        row["eval_loss"], row["eval_ppl"] = loss, math.exp(min(loss, 50.0))
     predictions: list[dict] = []
     if data.generate and cfg.eval.num_generate:
         scores, predictions = generate_answers(

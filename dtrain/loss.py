@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dtrain.config import UserError
-from dtrain.templates import IGNORE_INDEX
+from dtrain.data.templates import IGNORE_INDEX
 
 # What a packed batch hands the model besides input_ids (see packing.py); never an attention mask.
 _PACKED_INPUTS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")

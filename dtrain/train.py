@@ -36,7 +36,7 @@ from dtrain.checkpoint import (
     complete_checkpoints,
 )
 from dtrain.config import Config, UserError, flatten, parse_config
-from dtrain.data import Collator, Data, DataOrder, load_run_data, train_collator, train_loader
+from dtrain.data import Collator, Data, check_isolation, load_run_data, probe_rows, train_collator, train_loader
 from dtrain.evaluation import report_samples, run_eval, track_best
 from dtrain.export import export_final
 from dtrain.guards import NONFINITE_EXIT_CODE, RANK_LOST_EXIT_CODE, NonfiniteGuard, RunHalted, is_lost_rank
@@ -51,7 +51,6 @@ from dtrain.modeling import (
     model_identity,
 )
 from dtrain.optim import build_optimizer, build_scheduler, optimizer_state_row
-from dtrain.packing import check_isolation, probe_rows
 from dtrain.peft import add_adapters, base_reference, describe, load_options, summary
 from dtrain.rundir import prepare_output_dir, record_end, resolve_resume, write_run_files
 from dtrain.runtime import (
@@ -131,7 +130,6 @@ class Run:
     rollback_from: int | None = None  # the data position of a window that faulted, under nonfinite=rollback
     batches: object = None  # this rank's micro-batch stream (restarted after a rollback)
     stats: StepStats | None = None
-    order: DataOrder | None = None  # the data order, to see which windows have a target token
     lr: object = None  # the learning rate the last step used (read before the schedule moves it)
     state_reported: bool = False  # optimizer-state bytes are logged once, at the first log row
     predictions: list[dict] = field(default_factory=list)
@@ -150,8 +148,8 @@ class Run:
     def train_batches(self):
         """This rank's micro-batches from the current data position on."""
         t, acc = self.cfg.train, self.accelerator
-        loader = train_loader(self.data.train, t.per_device_batch_size, acc.process_index, acc.num_processes,
-                              t.seed, self.state.samples_seen, self.batcher, self.cfg.data.num_workers,
+        loader = train_loader(self.data.train, self.data.order, t.per_device_batch_size, acc.process_index,
+                              acc.num_processes, self.state.samples_seen, self.batcher, self.cfg.data.num_workers,
                               pin=acc.device.type == "cuda")  # fmt: skip
         return iter(loader)
 
@@ -170,6 +168,8 @@ def setup(cfg: Config, argv: list[str]) -> Run:
     set_seed(cfg.train.seed)
     tokenizer = build_tokenizer(cfg.model)
     data = load_run_data(cfg, tokenizer, accelerator)
+    if data.chat_template:  # saved with the tokenizer in every checkpoint and the final model
+        tokenizer.chat_template = data.chat_template
     set_seed(cfg.train.seed)  # the embedded model's weights depend on the seed alone (export rebuilds a base)
     model = build_model(cfg.model, tokenizer, cfg.data, cfg.eval, data.stats["longest_example"],
                         **load_options(cfg, accelerator))  # fmt: skip
@@ -207,7 +207,7 @@ def setup(cfg: Config, argv: list[str]) -> Run:
     run = Run(cfg, accelerator, tokenizer, data, model, optimizer, scheduler, state, checkpointer, logger,
               collator, batcher, max_steps, num_params, trained_params, stop=StopRequest(accelerator, cfg.train.collective_timeout_s),
               guard=NonfiniteGuard(accelerator),
-              stats=StepStats(accelerator.device), order=DataOrder(len(data.train), cfg.train.seed))  # fmt: skip
+              stats=StepStats(accelerator.device))  # fmt: skip
     if plan.path is not None:
         finished = state.step >= max_steps or state.early_stopped
         if finished and (out / "final" / "config.json").is_file():
@@ -226,11 +226,10 @@ def check_fast_paths(
     """Before the first step, on the live (wrapped) model: packed examples cannot see each other, and the
     chunked loss equals the plain one. Every rank runs the same probes (sharded forwards need them all)."""
     if cfg.data.packing:
-        rows = probe_rows(data.train.examples, vocab)
+        rows = probe_rows(data.train.examples(2), vocab)
         check_isolation(model, forward_logits, batcher, rows, f"attn_implementation {attention}")
     if cfg.train.loss_chunk_size:  # one short row: the plain side of the check must not need much memory
-        examples = data.train.examples if cfg.data.packing else data.train
-        ids = torch.tensor([examples[0]["input_ids"][:16]], device=device)
+        ids = torch.as_tensor(data.train.examples(1)[0]["input_ids"][:16], device=device)[None]
         check_chunked_loss(model, {"input_ids": ids, "labels": ids})
 
 
@@ -260,6 +259,8 @@ def record_run(run: Run, argv: list[str], resumed_from: Path | None, changes: li
         f"x {world} = {run.global_batch} | {run.max_steps} steps | {run.data.stats}"
         + (f" | {describe(adapters)}" if adapters else "")
     )
+    if len(run.data.names) > 1:
+        run.logger.write(run.data.mix(run.max_steps * run.global_batch))
     for warning in run.data.warnings:
         run.logger.write(warning)
 
@@ -304,9 +305,10 @@ def take_step(run: Run, window: list[dict]):
     state, acc = run.state, run.accelerator
     run.lr = run.optimizer.param_groups[0]["lr"]  # a tensor for some optimizers (torchao): read when logging
     grad_norm = None
+    held = run.data.window(state.samples_seen, run.global_batch)  # from the data order: no sync
     if state.samples_seen in state.skip_windows:
         pass  # faulted before a rollback: stepped over
-    elif not run.data.window_has_targets(run.order, state.samples_seen, run.global_batch):
+    elif not held.has_targets:
         state.empty_steps += 1
     else:
         step = train_step(acc, run.model, run.optimizer, window, run.cfg.train.max_grad_norm, run.guard)
@@ -322,6 +324,8 @@ def take_step(run: Run, window: list[dict]):
                 run.scheduler.step()
     state.step, state.samples_seen = state.step + 1, state.samples_seen + run.global_batch
     state.epoch = state.samples_seen / len(run.data.train)
+    state.source_rows = (held.rows + (state.source_rows or 0)).tolist()  # realised shares, host arrays
+    state.source_tokens = (held.tokens + (state.source_tokens or 0)).tolist()
     run.logger.advance()
     return grad_norm
 
@@ -397,7 +401,7 @@ def on_nonfinite(run: Run) -> None:
 def describe_window(run: Run) -> dict:
     """The faulty window's data position and the train-data indices it holds (the first 16)."""
     start = run.state.samples_seen
-    indices = [run.order.index(p) for p in range(start, start + min(run.global_batch, 16))]
+    indices = run.data.order.indices(start, min(run.global_batch, 16)).tolist()
     return {"samples_seen": start, "examples": indices}
 
 
@@ -461,6 +465,9 @@ def log_train(run: Run, grad_norm) -> None:
         row["empty_steps"] = state.empty_steps
     if state.nonfinite_steps:
         row["nonfinite_steps"] = state.nonfinite_steps
+    if len(run.data.names) > 1:  # the realised token share of each source so far (host counters)
+        total = max(1, sum(state.source_tokens))
+        row.update({f"share/{n}": round(t / total, 4) for n, t in zip(run.data.names, state.source_tokens, strict=True)})  # fmt: skip
     if not run.state_reported:  # the optimizer state exists after one step
         row.update(optimizer_state_row(acc, run.optimizer, run.trained_params))  # per parameter it updates
         run.state_reported = True
@@ -494,14 +501,19 @@ def finish(run: Run) -> None:
     last = run.checkpointer.save()  # a no-op when this step is already committed (early stop, resumed end)
     export_final(acc, last, out / "final")
     if acc.is_main_process:
-        record_end(
-            out, "early_stopped" if state.early_stopped else "finished", state.step, checkpoint=str(last)
-        )
+        record_end(out, "early_stopped" if state.early_stopped else "finished", state.step, checkpoint=str(last),
+                   **source_shares(run))  # fmt: skip
     run.logger.close()
     report_samples(acc, out, run.predictions, run.cfg.eval.num_samples)
     if acc.is_main_process and run.predictions and run.cfg.eval.num_samples:
         print(f"dtrain: final model in {out / 'final'}", flush=True)
     acc.end_training()
+
+
+def source_shares(run: Run) -> dict:
+    """The realised share of each data source at the end, beside its target (nothing for one source)."""
+    shares = run.data.realised(run.state.source_rows, run.state.source_tokens)
+    return {"data_sources": shares} if shares else {}
 
 
 def stop_on_request(run: Run, signal_name: str) -> int:

@@ -1,8 +1,5 @@
-"""Packing: tokenized examples laid end to end in rows of `max_length` tokens, attention kept inside each.
-
-`--data.packing true` packs once, before training, by best-fit decreasing (longest example first, into the
-fullest row it still fits), so the packed rows are a pure function of the tokenized data and the train
-order over them stays a pure function of (seed, rows consumed): exact resume holds as without packing.
+"""Collate: rows -> tensors. Right-padded examples (`Collator`), or packed rows (`PackedCollator`) with
+attention kept inside each example, and the eval batches of each rank.
 
 Padding-free attention: every packed example's `position_ids` restart at 0 and no attention mask is
 passed. transformers (>= 4.53.1) then builds a block-diagonal causal mask from the position ids (sdpa,
@@ -15,81 +12,67 @@ before the first step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from dtrain.config import UserError
-from dtrain.templates import IGNORE_INDEX
+from dtrain.config import DataConfig, UserError
+from dtrain.data.templates import IGNORE_INDEX
 
 
-def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Bins of example indices, each holding at most `capacity` tokens. Longest examples first, each into
-    the bin with the least room that still fits it, else a new bin.
+@dataclass
+class Collator:
+    """Right-pad to the longest row of the batch (not to max_length): padding is wasted compute."""
 
-    A segment tree over the room left (0..capacity) finds that bin in O(log capacity), so the lengths of
-    a million examples pack in seconds. Deterministic: the same lengths always give the same bins."""
-    size = 1 << max(capacity, 1).bit_length()  # leaves 0..size-1 cover every room 0..capacity
-    count = [0] * (2 * size)  # count[node]: open bins whose room falls in the node's range
-    by_room: list[list[int]] = [[] for _ in range(size)]  # room -> open bins with exactly that room
+    pad_id: int
+    pad_to_multiple_of: int = 1
 
-    def add(room: int, delta: int) -> None:
-        node = room + size
-        while node:
-            count[node] += delta
-            node //= 2
-
-    def tightest(need: int) -> int | None:
-        """The smallest room >= need that an open bin has (leftmost non-empty leaf at or after need)."""
-        node, lo, hi = 1, 0, size - 1
-        stack = [(node, lo, hi)]
-        while stack:
-            node, lo, hi = stack.pop()
-            if hi < need or not count[node]:
-                continue
-            if lo == hi:
-                return lo
-            mid = (lo + hi) // 2
-            stack += [(2 * node + 1, mid + 1, hi), (2 * node, lo, mid)]  # left child popped first
-        return None
-
-    bins: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        n = lengths[i]
-        if n > capacity:
-            raise ValueError(f"example {i} has {n} tokens, more than the row capacity {capacity}")
-        room = tightest(n)
-        if room is None:
-            b, room = len(bins), capacity
-            bins.append([])
-        else:
-            b = by_room[room].pop()
-            add(room, -1)
-        bins[b].append(i)
-        if room - n > 0:
-            by_room[room - n].append(b)
-            add(room - n, 1)
-    return bins
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        width = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.as_tensor(r["input_ids"])
+            labels[i, :n] = torch.as_tensor(r["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-class PackedDataset(torch.utils.data.Dataset):
-    """Rows of packed examples over a tokenized dataset; item = the row's examples, in packing order."""
+def train_collator(cfg: DataConfig, pad_id: int, device_type: str, attn_implementation: str | None):
+    """Packed rows or right-padded examples; widths a multiple of 8 on CUDA (tensor-core friendly)."""
+    multiple = 8 if device_type == "cuda" else 1
+    if cfg.packing:
+        flash = (attn_implementation or "").startswith("flash")
+        return PackedCollator(pad_id, pad_to_multiple_of=multiple, flash=flash)
+    return Collator(pad_id, pad_to_multiple_of=multiple)
 
-    def __init__(self, examples, max_length: int):
-        lengths = [len(ids) for ids in examples["input_ids"]]
-        self.examples = examples
-        self.bins = best_fit_decreasing(lengths, max_length)
-        self.tokens = sum(lengths)
-        self.fill = self.tokens / (len(self.bins) * max_length) if self.bins else 0.0
 
-    def __len__(self) -> int:
-        return len(self.bins)
+def rank_shard(items: list, rank: int, world_size: int) -> tuple[list, int]:
+    """Rank r's slice items[r::W], padded so every rank has the same count (sharded models need every
+    rank in every forward); returns (slice, number of real items). Padding repeats item 0."""
+    per_rank = math.ceil(len(items) / world_size)
+    mine = items[rank::world_size]
+    real = len(mine)
+    return mine + [items[0]] * (per_rank - real), real
 
-    def __getitem__(self, row: int) -> list[dict]:
-        return [self.examples[i] for i in self.bins[row]]
 
-    def row_has_target(self, with_target: list[bool]) -> list[bool]:
-        return [any(with_target[i] for i in b) for b in self.bins]
+def eval_batches(dataset, batch_size: int, rank: int, world_size: int, collator):
+    """Eval micro-batches for this rank; padding rows have all labels masked, so they count zero tokens."""
+    rows, real = rank_shard(list(range(len(dataset))), rank, world_size)
+    for start in range(0, len(rows), batch_size):
+        idx = rows[start : start + batch_size]
+        batch = [dataset[i] for i in idx]
+        for j in range(len(batch)):
+            if start + j >= real:
+                batch[j] = {
+                    "input_ids": batch[j]["input_ids"],
+                    "labels": [IGNORE_INDEX] * len(batch[j]["labels"]),
+                }
+        yield collator(batch)
 
 
 @dataclass

@@ -9,7 +9,10 @@ Truncation to `--data.max_length` (alpaca and chat), in this order, until the ex
 2. if that is not enough, the remaining prompt tokens are dropped from the start;
 3. only when the response alone is longer than the budget is the response cut, at its end; the prompt
    then keeps its markers only (at most half the budget, the ones nearest the response).
-Plain text (`text`) is cut at the end: every token is a target there, nothing is lost but the tail.
+Plain text (`text`) is never truncated: a document longer than max_length becomes consecutive pieces of
+max_length tokens, each starting at the previous piece's last token. That token is a target in the piece
+before and the (never trained) first token of the next, so every token of the document but its first is
+a target exactly once, and no target is lost at a piece boundary.
 """
 
 from __future__ import annotations
@@ -145,8 +148,18 @@ def _encode_chat(messages: list[dict], tokenizer) -> tuple:
     return ids, labels, content, response_start
 
 
+def split_pieces(ids: list[int], n: int) -> list[list[int]]:
+    """A document as consecutive pieces of at most n tokens, piece k+1 starting at piece k's last token
+    (see the module docstring). A document of n tokens or fewer is one piece."""
+    if len(ids) <= n or n < 2:
+        return [ids[:n]] if n < 2 else [ids]
+    return [ids[start : start + n] for start in range(0, len(ids) - 1, n - 1)]
+
+
 def encode_batch(batch: dict[str, list], tokenizer, cfg: DataConfig) -> dict[str, list]:
-    """Examples -> input_ids, labels, truncated flags (one tokenizer call per column, not per row)."""
+    """Examples -> input_ids, labels, truncated flags (one tokenizer call per column, not per row). The
+    text template returns one row per piece of a long document (so maybe more rows than it was given),
+    with `document`: the index of the row it came from in this batch."""
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
     if cfg.template == "alpaca":
         encoded = _encode_alpaca(rows, tokenizer)
@@ -157,19 +170,24 @@ def encode_batch(batch: dict[str, list], tokenizer, cfg: DataConfig) -> dict[str
         texts = tokenizer([text_of(r[cfg.text_column]) for r in rows], add_special_tokens=True)["input_ids"]
         missing = [r[cfg.text_column] is None for r in rows]  # a null row trains nothing, not "None"
         encoded = [(t, [IGNORE_INDEX] * len(t), [], 0) if m else (t + eos, t + eos, [], 0) for t, m in zip(texts, missing, strict=True)]  # fmt: skip
-    out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": []}
-    for ids, labels, content, response_start in encoded:
-        fitted_ids, fitted_labels = fit(ids, labels, content, response_start, cfg.max_length)
-        out["input_ids"].append(fitted_ids)
-        out["labels"].append(fitted_labels)
-        out["truncated"].append(len(ids) > cfg.max_length)
+    out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "document": []}
+    for doc, (ids, labels, content, response_start) in enumerate(encoded):
+        if cfg.template == "text":
+            pieces = list(zip(split_pieces(ids, cfg.max_length), split_pieces(labels, cfg.max_length)))
+        else:
+            pieces = [fit(ids, labels, content, response_start, cfg.max_length)]
+        for piece_ids, piece_labels in pieces:
+            out["input_ids"].append(piece_ids)
+            out["labels"].append(piece_labels)
+            out["truncated"].append(cfg.template != "text" and len(ids) > cfg.max_length)
+            out["document"].append(doc)
     return out
 
 
 def encode(row: dict, tokenizer, cfg: DataConfig) -> dict:
-    """One example (see `encode_batch`)."""
+    """One example (see `encode_batch`; a long text document: its first piece)."""
     out = encode_batch({k: [v] for k, v in row.items()}, tokenizer, cfg)
-    return {k: v[0] for k, v in out.items()}
+    return {k: v[0] for k, v in out.items() if k != "document"}
 
 
 def generation_item(row: dict, tokenizer, cfg: DataConfig) -> dict | None:
