@@ -5,7 +5,7 @@ that case alone. KIND is one of:
 
 - prepare: the seeded synthetic SFT data (chat `messages` column, long-tailed lengths), the models saved
   with `save_pretrained` next to dtrain's char tokenizer, and the data tokenized by dtrain's own template
-  code (`dtrain.templates.encode_batch`) in dtrain's own data order (`dtrain.data.DataOrder`), so the
+  code (`dtrain.data.templates.encode_batch`) in dtrain's own data order (`dtrain.data.DataOrder`), so the
   loops below and the Trainer read exactly the batches dtrain reads.
 - loop: a minimal hand-written Accelerate loop (accumulate, backward, clip, optimizer.step, zero_grad),
   padding each batch to its longest row (`pad: longest`, no attention mask, as dtrain) or to max_length
@@ -155,7 +155,7 @@ def prepare(spec: dict) -> dict:
     from dtrain.config import DataConfig
     from dtrain.data import DataOrder
     from dtrain.tasks import build_char_tokenizer
-    from dtrain.templates import encode_batch
+    from dtrain.data.templates import encode_batch
 
     work = Path(spec["work"])
     (work / "data").mkdir(parents=True, exist_ok=True)

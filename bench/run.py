@@ -27,7 +27,7 @@ How it measures
   their seconds are (tokens - previous tokens) / tokens_per_sec and their real (non-padding) tokens are
   the `tokens` differences. The Trainer and the loops (bench/cases.py) time the same span: from the end
   of step W to the end of step N, data loading included, counting real tokens on the host.
-- Same batches: the Trainer and the loops read dtrain's tokenization (`dtrain.templates.encode_batch`)
+- Same batches: the Trainer and the loops read dtrain's tokenization (`dtrain.data.templates.encode_batch`)
   in dtrain's data order (`dtrain.data.DataOrder`) with a sequential sampler, so every unpacked case
   trains the very batches dtrain trains. AdamW everywhere with the same lr, betas, eps, weight decay
   (on matrices only), clipping 1.0 and cosine schedule with the same warm-up; foreach AdamW on CPU,

@@ -35,6 +35,8 @@ import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dtrain.config import Config, UserError, flatten
+from dtrain.data.prepare import FORMAT_VERSION as DATA_FORMAT
+from dtrain.data.prepare import stream_change
 
 MARKER = "dtrain_checkpoint.json"
 STEP_PREFIX = "step-"
@@ -127,6 +129,7 @@ def verify(path: Path) -> str | None:
 # Settings that do not change the training trajectory. Everything else does (model, data, seed,
 # optimizer, schedule, precision, clipping) and stops a resume unless --checkpoint.allow_config_change.
 HARMLESS = ("log.", "eval.", "checkpoint.", "output_dir", "overwrite_output_dir", "data.num_workers",
+            "data.prepared", "data.num_proc", "data.prepare_timeout_s",
             "model.gradient_checkpointing", "model.attn_implementation", "train.compile",
             "train.loss_chunk_size", "train.nonfinite", "train.max_nonfinite_steps",
             "train.collective_timeout_s")  # fmt: skip
@@ -207,6 +210,12 @@ def check_continuity(path: Path, cfg: Config, accelerator) -> list[str]:
             )
         # DeepSpeed reads this flag when the engine is built, so it is set before accelerator.prepare
         accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
+    changed = stream_change(marker.get("data_format", 1), cfg)
+    if changed:
+        raise CheckpointError(
+            f"checkpoint {path.name} can't resume here: {changed}; finish that run with the dtrain that "
+            f"started it, or `dtrain export {path} OUT` and start a new run from OUT"
+        )
     saved = yaml.safe_load((path / "config.yaml").read_text())
     breaking, harmless = compare_configs(
         saved, marker, cfg, accelerator.num_processes, accelerator.mixed_precision
@@ -541,6 +550,7 @@ class Checkpointer:
             "zero_stage": acc.state.deepspeed_plugin.zero_stage if self.deepspeed else None,
             "mixed_precision": acc.mixed_precision,
             "global_batch": self.global_batch,
+            "data_format": DATA_FORMAT,
             "config_sha256": config_hash(self.config_yaml),
             "model": self.identity,
             "eval": {"metric": self.metric, "value": s.last_eval_metric}

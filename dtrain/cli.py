@@ -9,6 +9,7 @@ USAGE = """usage: dtrain <command> [args]
 commands:
   train    run the training script (same flags as `python dtrain/train.py`; --help lists them)
   launch   check a launch profile and run `accelerate launch` with it (dtrain launch --help)
+  prepare  tokenize and pack every data source once, for --data.prepared (dtrain prepare --help)
   export   turn a checkpoint of any profile into a Hugging Face model directory (dtrain export --help)
   slurm    submit a launch profile as a Slurm job with launch/slurm/*.sbatch (dtrain slurm --help)
 """
@@ -32,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         from dtrain.slurm import main as slurm_main
 
         return slurm_main(rest)
+    if command == "prepare":
+        from dtrain.data.prepare import prepare_main
+        from dtrain.train import guarded
+
+        return guarded(prepare_main, rest)
     if command == "export":
         from dtrain.export import main as export_main
 

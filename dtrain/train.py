@@ -542,8 +542,13 @@ def run(argv: list[str] | None = None) -> int:
     """Entry point: user errors end as one line and exit code 2, never a traceback. Anything else that
     escapes (an input dtrain does not check yet, or a bug) is one line too, exit code 1, with the
     traceback kept in a file (or shown with DTRAIN_TRACEBACK=1)."""
+    return guarded(main, argv)
+
+
+def guarded(entry, argv: list[str] | None = None) -> int:
+    """Run a command's entry point under the rules of `run`."""
     try:
-        return main(argv)
+        return entry(argv)
     except UserError as exc:
         print(f"dtrain: error: {exc}", file=sys.stderr, flush=True)
         return 2

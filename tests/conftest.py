@@ -266,6 +266,6 @@ def tok():
 
 def trained(encoded: dict) -> list[int]:
     """The label ids an encoded example trains on."""
-    from dtrain.templates import IGNORE_INDEX
+    from dtrain.data.templates import IGNORE_INDEX
 
     return [t for t in encoded["labels"] if t != IGNORE_INDEX]

@@ -1,4 +1,4 @@
-"""dtrain.datasource: loading the user's table in every supported form, and checking its columns."""
+"""dtrain.data.sources: loading the user's table in every supported form, and checking its columns."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from dtrain.config import DataConfig, UserError
-from dtrain.datasource import check_columns, load_table
+from dtrain.data.sources import check_columns, load_table
 
 ROWS = [
     {"instruction": "Reverse the letters.", "input": "abc", "output": "cba"},

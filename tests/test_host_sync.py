@@ -87,7 +87,7 @@ def test_packed_steps_make_no_host_copies_of_their_own():
     (masking_utils.find_packed_sequence_indices, `if (...).all()`) reads one boolean per forward (per
     micro-batch, not per layer) with sdpa and eager; under torch.compile it is skipped. Counted exactly,
     so a new sync on this path (in dtrain or per layer) fails here."""
-    from dtrain.packing import PackedCollator
+    from dtrain.data.collate import PackedCollator
 
     accelerator = fresh_accelerator(2)
     tok = build_char_tokenizer()

@@ -1,4 +1,4 @@
-"""Packing (dtrain.packing): best-fit decreasing fills rows at least as well as the textbook algorithm;
+"""Packing (dtrain.data.collate): best-fit decreasing fills rows at least as well as the textbook algorithm;
 a packed batch gives the same logits, loss per target token and gradients as its examples one by one
 (sdpa and eager, Llama and Qwen2); the isolation guard catches the two silent traps; a packed run killed
 with SIGKILL resumes with bitwise-equal losses."""
@@ -31,7 +31,7 @@ from conftest import (
 from dtrain.config import UserError
 from dtrain.data import IGNORE_INDEX, Collator
 from dtrain.loss import forward_logits, token_loss_sum
-from dtrain.packing import PackedCollator, best_fit_decreasing, check_isolation, probe_rows
+from dtrain.data.collate import PackedCollator, best_fit_decreasing, check_isolation, probe_rows
 
 
 def textbook_bfd(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -1,4 +1,4 @@
-"""dtrain.templates: alpaca, chat and text with prompt masking, and truncation that keeps the response."""
+"""dtrain.data.templates: alpaca, chat and text with prompt masking, and truncation that keeps the response."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from conftest import CONVERSATION, trained
 
 from dtrain.config import DataConfig
-from dtrain.templates import (
+from dtrain.data.templates import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
     IGNORE_INDEX,

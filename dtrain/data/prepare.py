@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dtrain.config import Config, DataConfig, SourceConfig, UserError
+from dtrain.config import Config, DataConfig, SourceConfig, UserError, resolved_sources
 from dtrain.data.pack import best_fit_decreasing
 from dtrain.data.sources import check_columns, check_rows, load_table, use_chat_template
 from dtrain.data.templates import IGNORE_INDEX, encode_batch, generation_item
@@ -112,6 +112,23 @@ def data_key(cfg: Config, tokenizer, sources: list[SourceConfig]) -> dict:
         "packing": cfg.data.packing,
         "sources": [source_key(s) for s in sources],
     }
+
+
+def stream_change(version: int, cfg: Config) -> str | None:
+    """Why a checkpoint written under data format `version` would read other data at the same position
+    in this dtrain (None when its stream is unchanged)."""
+    if version == FORMAT_VERSION:
+        return None
+    sources = resolved_sources(cfg.data)
+    embedded = not sources and cfg.data.prepared is None
+    unchanged = embedded or (len(sources) == 1 and sources[0].template != "text" and sources[0].eval_path)
+    if version == 1 and unchanged:
+        return None  # one chat/alpaca source with its own eval data: the same rows in the same order
+    return (
+        f"it was written with dtrain's data format {version}, and this dtrain builds the stream differently "
+        "(text documents split into pieces instead of cut, the eval split fixed, sources blended), so the "
+        "same data position would read other data"
+    )
 
 
 def differences(have: dict, want: dict) -> list[str]:
@@ -506,3 +523,88 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj))
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# `dtrain prepare`
+# --------------------------------------------------------------------------------------------
+
+PREPARE_USAGE = """usage: dtrain prepare --config RECIPE OUT_DIR [--num-proc N] [training flags]
+
+Tokenize (and, with --data.packing true, pack) every source of the recipe once, with N worker processes,
+into OUT_DIR with a manifest; then train with --data.prepared OUT_DIR: every rank maps the arrays and
+nothing is tokenized again. The training flags are those of `dtrain train` (the data and model ones
+matter here). OUT_DIR is written under a temporary name and renamed when complete.
+"""
+
+
+def split_prepare_args(argv: list[str]) -> tuple[str | None, int | None, list[str]]:
+    """OUT_DIR (the one bare argument that is not a flag's value), --num-proc, and the training flags."""
+    out, num_proc, rest, i = None, None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--num-proc", "--num_proc") and i + 1 < len(argv):
+            num_proc, i = _int_arg(arg, argv[i + 1]), i + 2
+            continue
+        if arg.startswith(("--num-proc=", "--num_proc=")):
+            num_proc, i = _int_arg("--num-proc", arg.split("=", 1)[1]), i + 1
+            continue
+        if arg.startswith("--") and "=" not in arg and arg != "--print_config":
+            rest += argv[i : i + 2]
+            i += 2
+            continue
+        if arg.startswith("-") or out is not None:
+            rest.append(arg)
+        else:
+            out = arg
+        i += 1
+    return out, num_proc, rest
+
+
+def _int_arg(flag: str, value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UserError(f"{flag} must be a whole number >= 1 (got '{value}')")
+    return n
+
+
+def prepare_main(argv: list[str]) -> int:
+    from dtrain.config import parse_config
+    from dtrain.data import run_sources
+    from dtrain.modeling import build_tokenizer
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(PREPARE_USAGE, end="")
+        return 0 if argv else 2
+    out, num_proc, rest = split_prepare_args(argv)
+    if out is None:
+        raise UserError("dtrain prepare: give OUT_DIR, the directory to write (see dtrain prepare --help)")
+    cfg = parse_config(rest)
+    if cfg.data.prepared is not None:
+        raise UserError("dtrain prepare: --data.prepared is what prepare writes; drop it and give OUT_DIR")
+    if cfg.data.path is None and not cfg.data.sources:
+        raise UserError("dtrain prepare: the recipe names no data; set --data.path or data.sources")
+    sources, flags = run_sources(cfg)
+    tokenizer = build_tokenizer(cfg.model)
+    target = Path(out).expanduser()
+    key = data_key(cfg, tokenizer, sources)
+    if target.exists():
+        if (target / MANIFEST).is_file() and _cached(target, key) is not None:
+            print(f"dtrain: {target} already holds this data, prepared by the same settings; nothing to do")
+            return 0
+        if not target.is_dir() or any(target.iterdir()):
+            raise UserError(
+                f"dtrain prepare: OUT_DIR '{out}' already exists and holds other files; nothing was changed: "
+                "remove it or choose another OUT_DIR"
+            )
+        target.rmdir()
+    manifest = write_prepared(cfg, tokenizer, sources, target, num_proc or cfg.data.num_proc, flags)
+    for name, info in manifest["sources_data"].items():
+        t = info["train"]
+        fill = f", {t['rows']:,} packed rows ({t['fill']:.1%} full)" if "fill" in t else ""
+        print(f"dtrain:   {name}: {info['train']['documents']:,} documents -> {t['examples']:,} examples, "
+              f"{t['tokens']:,} tokens{fill}" + (f"; eval {info['eval']['examples']:,} examples" if info["eval"] else ""))  # fmt: skip
+    return 0
