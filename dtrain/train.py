@@ -36,7 +36,15 @@ from dtrain.checkpoint import (
     complete_checkpoints,
 )
 from dtrain.config import Config, UserError, flatten, parse_config
-from dtrain.data import Collator, Data, check_isolation, load_run_data, probe_rows, train_collator, train_loader
+from dtrain.data import (
+    Collator,
+    Data,
+    check_isolation,
+    load_run_data,
+    probe_rows,
+    train_collator,
+    train_loader,
+)
 from dtrain.evaluation import report_samples, run_eval, track_best
 from dtrain.export import export_final
 from dtrain.guards import NONFINITE_EXIT_CODE, RANK_LOST_EXIT_CODE, NonfiniteGuard, RunHalted, is_lost_rank
@@ -170,29 +178,30 @@ def setup(cfg: Config, argv: list[str]) -> Run:
     data = load_run_data(cfg, tokenizer, accelerator)
     if data.chat_template:  # saved with the tokenizer in every checkpoint and the final model
         tokenizer.chat_template = data.chat_template
-    set_seed(cfg.train.seed)  # the embedded model's weights depend on the seed alone (export rebuilds a base)
-    model = build_model(cfg.model, tokenizer, cfg.data, cfg.eval, data.stats["longest_example"],
-                        **load_options(cfg, accelerator))  # fmt: skip
-    base = base_reference(cfg, model)  # --peft.method lora|qlora: the frozen base the adapters belong to
-    model = add_adapters(model, cfg)
-    identity = {**model_identity(model), **({"base": base} if base else {})}
-    if plan.path is not None:  # a checkpoint of another model is refused before anything is read from it
-        check_model_identity(plan.path, identity, cfg)
-    num_params = identity["parameters"]
-    trained_params = count_parameters(model, trainable_only=True)  # all of them, or the adapters
-    flops = flops_per_token(model, num_params, cfg.data.max_length)  # for MFU on CUDA
-    max_steps = total_steps(cfg, len(data.train), accelerator.num_processes)
-    optimizer = build_optimizer(model, cfg.optim, accelerator.device)
-    # Stepped by hand once per optimizer step (fp16-skipped steps excluded), so not prepared; the
-    # checkpointer saves it with everything else.
-    scheduler = build_scheduler(optimizer, cfg.optim, max_steps)
-    if cfg.train.loss_chunk_size:
-        use_chunked_loss(model, cfg.train.loss_chunk_size)
-    check_fsdp_wrapping(accelerator, model)
-    attention = attn_implementation(model)  # read before prepare: unwrapping would import deepspeed
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if accelerator.is_main_process:
-        prepare_output_dir(out, cfg.overwrite_output_dir, plan)
+    with data.discarded_on_error(accelerator):  # a start that fails leaves no new data cache behind
+        set_seed(cfg.train.seed)  # the embedded model's weights depend on the seed alone (export rebuilds a base)
+        model = build_model(cfg.model, tokenizer, cfg.data, cfg.eval, data.stats["longest_example"],
+                            **load_options(cfg, accelerator))  # fmt: skip
+        base = base_reference(cfg, model)  # --peft.method lora|qlora: the frozen base the adapters belong to
+        model = add_adapters(model, cfg)
+        identity = {**model_identity(model), **({"base": base} if base else {})}
+        if plan.path is not None:  # a checkpoint of another model is refused before anything is read from it
+            check_model_identity(plan.path, identity, cfg)
+        num_params = identity["parameters"]
+        trained_params = count_parameters(model, trainable_only=True)  # all of them, or the adapters
+        flops = flops_per_token(model, num_params, cfg.data.max_length)  # for MFU on CUDA
+        max_steps = total_steps(cfg, len(data.train), accelerator.num_processes)
+        optimizer = build_optimizer(model, cfg.optim, accelerator.device)
+        # Stepped by hand once per optimizer step (fp16-skipped steps excluded), so not prepared; the
+        # checkpointer saves it with everything else.
+        scheduler = build_scheduler(optimizer, cfg.optim, max_steps)
+        if cfg.train.loss_chunk_size:
+            use_chunked_loss(model, cfg.train.loss_chunk_size)
+        check_fsdp_wrapping(accelerator, model)
+        attention = attn_implementation(model)  # read before prepare: unwrapping would import deepspeed
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if accelerator.is_main_process:
+            prepare_output_dir(out, cfg.overwrite_output_dir, plan)
     accelerator.wait_for_everyone()
 
     state = TrainState()

@@ -108,6 +108,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def kill_after_checkpoints(args: list[str], out: Path, checkpoints: int = 2) -> None:
+    """`python dtrain/train.py ARGS --output_dir OUT`, SIGKILLed once `checkpoints` checkpoints are
+    committed (the test fails if the run ends first)."""
+    import signal
+    import time
+
+    cmd = [sys.executable, str(TRAIN), *args, "--output_dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env_for_subprocess())  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((out / "checkpoints").glob("step-*/dtrain_checkpoint.json"))) >= checkpoints:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed: give it more steps"
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     return [
         json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()

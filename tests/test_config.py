@@ -349,3 +349,55 @@ def test_to_yaml_keeps_field_order():
         "checkpoint",
         "log",
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# data.sources
+# --------------------------------------------------------------------------------------------
+
+
+def sources_recipe(tmp_path: Path, sources: list[dict], **data) -> list[str]:
+    for s in sources:
+        path = Path(s.get("path", tmp_path / "x.jsonl"))
+        if not path.name.startswith("missing"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text('{"text": "a"}\n')
+    return ["--config", str(write_yaml(tmp_path / "r.yaml", {"data": {"sources": sources, **data}}))]
+
+
+def test_sources_fill_their_nulls_from_the_data_section(tmp_path):
+    from dtrain.config import resolved_sources
+
+    cfg = parse_config(sources_recipe(tmp_path, [{"path": str(tmp_path / "web.jsonl"), "template": "text", "weight": 3},
+                                                  {"path": str(tmp_path / "sub" / "chat.jsonl"), "eval_fraction": 0}],
+                                      template="alpaca", eval_fraction=0.1))  # fmt: skip
+    web, chat = resolved_sources(cfg.data)
+    assert (web.name, web.template, web.weight, web.eval_fraction) == ("web", "text", 3.0, 0.1)
+    assert (chat.name, chat.template, chat.weight, chat.eval_fraction) == ("chat", "alpaca", 1.0, 0.0)
+    assert (
+        load_config_file(write_yaml(tmp_path / "again.yaml", cfg.to_yaml())).data.sources == cfg.data.sources
+    )
+
+
+@pytest.mark.parametrize(
+    ("sources", "data", "words"),
+    [
+        ([{"weight": 0}], {}, "--data.sources[0].weight must be a number > 0 (got 0"),
+        ([{"weight": -2}], {}, "--data.sources[0].weight must be a number > 0 (got -2"),
+        ([{"weight": "lots"}], {}, "--data.sources: a source's weight got 'lots', expected a number"),
+        (
+            [{"path": "X/a.jsonl"}, {"path": "X/b/a.jsonl"}],
+            {},
+            "two sources are named 'a' (X/a.jsonl and X/b/a.jsonl)",
+        ),
+        ([{"path": "X/missing.jsonl"}], {}, "--data.sources[0].path: 'X/missing.jsonl' does not exist"),
+        ([{}], {"path": "X/x.jsonl"}, "--data.path and --data.sources both name train data"),
+        ([{"wieght": 2}], {}, "unknown key 'wieght' in a source; did you mean 'weight'?"),
+        ([{"eval_fraction": 1.5}], {}, "--data.sources[0].eval_fraction must be in [0, 1)"),
+    ],
+)
+def test_bad_sources_are_refused_in_one_line_naming_the_source(tmp_path, sources, data, words):
+    fill = lambda v: v.replace("X", str(tmp_path)) if isinstance(v, str) else v  # noqa: E731
+    sources = [{"path": str(tmp_path / "x.jsonl"), **{k: fill(v) for k, v in s.items()}} for s in sources]
+    message = parse_error(sources_recipe(tmp_path, sources, **{k: fill(v) for k, v in data.items()}))
+    assert fill(words) in message and "\n" not in message

@@ -7,21 +7,15 @@ from __future__ import annotations
 
 import json
 import random
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from conftest import (
-    REPO,
     TINY,
-    TRAIN,
     assert_ok,
     bpe_tokenizer,
     dtrain_launch,
-    env_for_subprocess,
+    kill_after_checkpoints,
     run_train,
     save_pretrained_dir,
     tiny_config,
@@ -30,8 +24,9 @@ from conftest import (
 
 from dtrain.config import UserError
 from dtrain.data import IGNORE_INDEX, Collator
+from dtrain.data.collate import PackedCollator, check_isolation, probe_rows
+from dtrain.data.pack import best_fit_decreasing, rows_of
 from dtrain.loss import forward_logits, token_loss_sum
-from dtrain.data.collate import PackedCollator, best_fit_decreasing, check_isolation, probe_rows
 
 
 def textbook_bfd(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -54,11 +49,11 @@ def textbook_bfd(lengths: list[int], capacity: int) -> list[list[int]]:
 def test_best_fit_decreasing_places_everything_and_fills_like_the_textbook(seed):
     rng = random.Random(seed)
     lengths = [min(128, int(rng.paretovariate(1.3) * 8)) for _ in range(600)]  # long-tailed, a few at 128
-    bins = best_fit_decreasing(lengths, 128)
+    bins = rows_of(*best_fit_decreasing(lengths, 128))
     assert sorted(i for b in bins for i in b) == list(range(len(lengths)))  # each example exactly once
     assert all(sum(lengths[i] for i in b) <= 128 for b in bins)
     assert len(bins) == len(textbook_bfd(lengths, 128))
-    assert best_fit_decreasing(lengths, 128) == bins  # deterministic
+    assert rows_of(*best_fit_decreasing(lengths, 128)) == bins  # deterministic
     assert sum(lengths) / (len(bins) * 128) > 0.95
 
 
@@ -190,17 +185,7 @@ def test_packed_run_reports_fill_and_trains(straight_packed):
 def test_packed_run_killed_resumes_with_bitwise_equal_losses(straight_packed, tmp_path):
     reference = {r["step"]: r["loss"] for r in train_rows(straight_packed[0])}
     out = tmp_path / "run"
-    cmd = [sys.executable, str(TRAIN), *PACKED, "--output_dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env_for_subprocess())  # fmt: skip
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if len(list((out / "checkpoints").glob("step-*/dtrain_checkpoint.json"))) >= 2:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed: raise STEPS"
+    kill_after_checkpoints(PACKED, out)
     again = run_train([*PACKED, "--output_dir", str(out)])
     assert_ok(again)
     assert "resuming from" in again.stdout

@@ -2,6 +2,8 @@
 installed from Debian's packages when missing and torn down by process id at the end.
 
 - multi_node.sbatch, 2 nodes x 1 CPU process, ddp and fsdp: the losses of the single-node 2-process run;
+- a ddp job without --data.prepared, each node its own HF_DATASETS_CACHE: only rank 0 on node1 tokenizes,
+  rank 1 on node2 reads the arrays node1 wrote under OUTPUT_DIR (its datasets cache stays empty);
 - preemption: USR1 to the batch shell mid-training -> the ranks save and exit 75 -> the job requeues itself
   (same id, restart 1), resumes and finishes; every step logged once, the losses of an uninterrupted run;
 - single_node.sbatch with every profile CPU rehearsal supports;
@@ -117,11 +119,10 @@ def submit(slurm: SlurmCluster, script: Path, tmp: Path, flags: list[str], *opti
     """sbatch SCRIPT with the smoke recipe as RECIPE and `flags` as TRAIN_ARGS; OUTPUT_DIR under `tmp`."""
     out, log = tmp / "run", tmp / "job.log"
     job_env = env_for_subprocess(
-        PYTHON=sys.executable,
         RECIPE=RECIPE,
         TRAIN_ARGS=shlex.join(flags),
         OUTPUT_DIR=str(out),
-        **{**ONE_THREAD, **env},
+        **{"PYTHON": sys.executable, **ONE_THREAD, **env},  # `env` may name another PYTHON
     )
     job_id = slurm.sbatch(script, f"--output={log}", *options, env=job_env, cwd=tmp)
     return Job(slurm, job_id, out, log)
@@ -183,6 +184,46 @@ def test_multi_node_trains_like_one_node(profile, slurm, references, tmp_path):
     assert _run_info(job.out)["distributed"]["num_processes"] == 2
     assert_same_losses(job.out, reference)
     assert (job.out / "final" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_multi_node_tokenizes_once_on_the_main_node(slurm, tmp_path):
+    """Both test nodes share this machine's disk: give each its own datasets cache (PYTHON is a wrapper that
+    sets HF_DATASETS_CACHE by node, inherited by dtrain launch, accelerate and the ranks), so the caches
+    show which node tokenized."""
+    log = tmp_path / "wrapper.log"
+    wrapper = tmp_path / "python-per-node-cache"
+    wrapper.write_text(
+        "#!/bin/bash\n"
+        f'export HF_DATASETS_CACHE={shlex.quote(str(tmp_path))}/hf-cache-"${{SLURMD_NODENAME:?}}"\n'
+        f'echo "$SLURMD_NODENAME $HF_DATASETS_CACHE" >>{shlex.quote(str(log))}\n'
+        f'exec {shlex.quote(sys.executable)} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    job = submit(
+        slurm, MULTI, tmp_path, SHORT, "--nodes=2", PROFILE="ddp", GPUS_PER_NODE="1", PYTHON=str(wrapper)
+    )
+    info = job.wait()
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), job.why()
+    assert [r["step"] for r in train_rows(job.out)] == [1, 2], job.why()
+    caches = {n: tmp_path / f"hf-cache-{n}" for n in ("node1", "node2")}
+    used = {tuple(line.split(" ", 1)) for line in log.read_text().splitlines()}
+    assert {(n, str(c)) for n, c in caches.items()} <= used, used  # the wrapper ran on both nodes
+    text = job.text()
+    assert "dtrain: preparing the data on node1 (rank 0" in text, job.why()
+    assert "dtrain: rank 1 on node2 waits for rank 0 to prepare the data" in text, job.why()
+    assert "dtrain: rank 1 on node2 reads the data prepared by rank 0 on node1" in text, job.why()
+    assert "preparing the data on node2" not in text, job.why()
+    tokenized = {n: sorted(c.rglob("*.arrow")) if c.exists() else [] for n, c in caches.items()}
+    assert tokenized["node1"], (
+        f"node1 tokenized nothing into its datasets cache {caches['node1']}\n{job.why()}"
+    )
+    assert not tokenized["node2"], f"node2 tokenized too: {tokenized['node2']}"
+    manifests = list((job.out / "data" / "prepared").glob("*/manifest.json"))  # the run's one cache
+    assert len(manifests) == 1, job.why()
+    assert json.loads(manifests[0].read_text())["host"] == "node1"
+    run = _run_info(job.out)
+    assert run["distributed"]["num_processes"] == 2 and run["data"]["tokenize_cache"] == "miss"
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO, assert_ok, read_metrics, run_train, train_rows
 
 from dtrain.config import parse_config
@@ -107,7 +108,7 @@ def test_chat_file(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
-def test_text_template_truncates_and_counts(tmp_path, tiny_model_dir, fmt):
+def test_text_template_splits_long_documents_and_counts(tmp_path, tiny_model_dir, fmt):
     import pandas as pd
 
     texts = ["short text", "x" * 200, "another short one", "y" * 300] * 5
@@ -136,13 +137,25 @@ def test_text_template_truncates_and_counts(tmp_path, tiny_model_dir, fmt):
     )
     assert_ok(proc)
     info = json.loads((out / "run_info.json").read_text())["data"]
-    assert info["train_examples"] + info["eval_examples"] == 20  # truncated, never dropped
-    assert info["train_truncated"] + info["eval_truncated"] == 10
-    assert "train_truncated" in proc.stdout
+    assert info["train_documents"] + info["eval_documents"] == 20  # none dropped
+    assert info["train_truncated"] == info["eval_truncated"] == 0  # none cut either: split into pieces
+    pieces = info["train_examples"] + info["eval_examples"]
+    assert pieces > 20 and info["train_tokens"] >= info["train_examples"] * 2
+    assert "train_documents" in proc.stdout
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "dtrain" / "recipes").glob("*.yaml")))
 def test_every_shipped_recipe_parses(recipe, tmp_path):
     data = _jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b", "text": "c"}])
-    cfg = parse_config(["--config", str(REPO / "dtrain" / "recipes" / recipe), "--data.path", str(data)])
+    path = REPO / "dtrain" / "recipes" / recipe
+    sources = yaml.safe_load(path.read_text()).get("data", {}).get("sources")
+    if sources:  # the recipe's own mixture, each source pointed at a file that exists here
+        moved = [
+            {**s, "path": str(_jsonl(tmp_path / f"{i}.jsonl", [{"text": "c"}]))}
+            for i, s in enumerate(sources)
+        ]
+        cfg = parse_config(["--config", str(path), "--data.sources", json.dumps(moved)])
+        assert len(cfg.data.sources) == len(sources) and cfg.data.packing
+    else:
+        cfg = parse_config(["--config", str(path), "--data.path", str(data)])
     assert cfg.train.max_steps or cfg.train.num_epochs

@@ -3,7 +3,9 @@ follow the data:
 
     sources.py    read and check one user table (file, directory, saved dataset, hub id)
     templates.py  a row -> input_ids and labels (chat, alpaca, text; long text split into pieces)
-    prepare.py    tokenize, split, pack every source once; write and map the token arrays + manifest
+    prepare.py    tokenize, split, pack every source once; write and map the token arrays + manifest;
+                  `dtrain prepare`
+    cache.py      a run's own prepared cache: made once by the main process, the other ranks wait
     pack.py       best-fit-decreasing packing of one source's examples into rows (arrays)
     blend.py      many sources -> one stream of draws whose token shares follow the weights
     order.py      draws -> rows (a seeded permutation per epoch of each source), this rank's batches
@@ -14,13 +16,16 @@ follow the data:
 
 from __future__ import annotations
 
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dtrain.config import Config, SourceConfig, UserError, resolved_sources
+from dtrain.config import Config, SourceConfig, UserError
+from dtrain.data.cache import drop_stale_caches, prepare_once
 from dtrain.data.collate import (  # noqa: F401  (the data API)
     Collator,
     PackedCollator,
@@ -31,8 +36,8 @@ from dtrain.data.collate import (  # noqa: F401  (the data API)
     train_collator,
 )
 from dtrain.data.order import DataOrder, GlobalBatchSampler, train_loader  # noqa: F401
-from dtrain.data.prepare import FORMAT_VERSION, Prepared, Split, data_key, open_prepared, prepare_once
-from dtrain.data.sources import load_table  # noqa: F401
+from dtrain.data.prepare import FORMAT_VERSION, Prepared, Split, data_key, open_prepared
+from dtrain.data.sources import load_table, run_sources, write_embedded_data  # noqa: F401
 from dtrain.data.templates import (  # noqa: F401
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
@@ -94,6 +99,21 @@ class Data:
     stats: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     chat_template: str | None = None  # the first chat source's template (saved with the tokenizer)
+    cache: Path | None = None  # the run's cache of prepared data in the output directory
+    created: bool = False  # written by this start
+
+    @contextmanager
+    def discarded_on_error(self, accelerator):
+        """A start that fails (a bad model, say) removes the cache it prepared, so a run that never began
+        leaves the output directory as it found it; one that starts drops the caches it no longer uses."""
+        try:
+            yield
+        except BaseException:
+            if self.created and accelerator.is_main_process:
+                shutil.rmtree(self.cache, ignore_errors=True)
+            raise
+        if self.cache is not None and accelerator.is_main_process:
+            drop_stale_caches(self.cache)
 
     def window(self, start: int, size: int) -> Window:
         rows = self.order.indices(start, size)
@@ -111,7 +131,7 @@ class Data:
         """The start-up line of a mixture: each source's token share and how many of its epochs the run
         reads (above 1: oversampled, reshuffled each epoch; below 1: undersampled)."""
         parts = []
-        for i, name in enumerate(self.names):
+        for name in self.names:
             info = self.stats["sources"][name]
             epochs = positions * info["row_share"] / max(1, info["rows"])
             parts.append(f"{name} {info['target_share']:.1%} of tokens ({epochs:.2f} epochs)")
@@ -129,32 +149,6 @@ class Data:
         }  # fmt: skip
 
 
-def run_sources(cfg: Config) -> tuple[list[SourceConfig], list[str]]:
-    """The run's sources (the embedded synthetic data as one source) and how messages name each."""
-    if cfg.data.prepared is not None and cfg.data.path is None and not cfg.data.sources:
-        return [], []  # the prepared directory's own sources
-    if cfg.data.sources:
-        sources = resolved_sources(cfg.data)
-        return sources, [f"data.sources[{i}]." for i in range(len(sources))]
-    if cfg.data.path is not None:
-        return resolved_sources(cfg.data), ["data."]
-    data_dir = Path(cfg.output_dir) / "data"
-    d = cfg.data
-    synthetic = SourceConfig(path=str(data_dir / "train.jsonl"), eval_path=str(data_dir / "eval.jsonl"),
-                             name="synthetic", template=d.template, text_column=d.text_column,
-                             messages_column=d.messages_column, chat_template=d.chat_template, split=d.split,
-                             eval_fraction=d.eval_fraction)  # fmt: skip
-    return [synthetic], ["data."]
-
-
-def write_embedded_data(cfg: Config) -> None:
-    from dtrain.tasks import write_synthetic_data
-
-    d = cfg.data
-    write_synthetic_data(Path(cfg.output_dir) / "data", d.synthetic_tasks, d.synthetic_train_examples,
-                         d.synthetic_eval_examples, cfg.train.seed)  # fmt: skip
-
-
 def load_run_data(cfg: Config, tokenizer, accelerator) -> Data:
     """The run's data: a --data.prepared directory, or the sources prepared once for the whole job (on
     the global main process; the other ranks wait for it without a collective that can time out), then
@@ -163,7 +157,9 @@ def load_run_data(cfg: Config, tokenizer, accelerator) -> Data:
     embedded = cfg.data.path is None and not cfg.data.sources and cfg.data.prepared is None
     prepared = prepare_once(cfg, tokenizer, accelerator, sources, flags,
                             before=(lambda: write_embedded_data(cfg)) if embedded else None)  # fmt: skip
-    return assemble(cfg, prepared, sources)
+    data = assemble(cfg, prepared, sources)
+    data.cache, data.created = prepared.cache, prepared.created
+    return data
 
 
 def assemble(cfg: Config, prepared: Prepared, sources: list[SourceConfig]) -> Data:
@@ -189,7 +185,8 @@ def assemble(cfg: Config, prepared: Prepared, sources: list[SourceConfig]) -> Da
     if cfg.data.packing:
         stats.update(packed_rows=len(train), packing_fill=round(stats["train_tokens"] / max(1, len(train) * cfg.data.max_length), 4))  # fmt: skip
     if prepared.eval:
-        stats.update(eval_examples=total("eval", "examples"), eval_truncated=total("eval", "truncated"))
+        stats.update(eval_documents=total("eval", "documents"), eval_examples=total("eval", "examples"),
+                     eval_truncated=total("eval", "truncated"))  # fmt: skip
     if len(names) > 1:
         wsum = sum(weights)
         stats["sources"] = {

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+_CHUNK = 1 << 16
+
 
 def best_fit_decreasing(lengths, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows of example indices, each holding at most `capacity` tokens, as (offsets, items) arrays.
@@ -53,18 +55,23 @@ def best_fit_decreasing(lengths, capacity: int) -> tuple[np.ndarray, np.ndarray]
             stack += [(2 * node + 1, mid + 1, hi), (2 * node, lo, mid)]  # left child popped first
         return None
 
-    for i, need in zip(order[full:].tolist(), lengths[order[full:]].tolist(), strict=True):
-        room = tightest(need)
-        if room is None:
-            row, room = rows, capacity
-            rows += 1
-        else:
-            row = by_room[room].pop()
-            add(room, -1)
-        row_of[i] = row
-        if room - need > 0:
-            by_room[room - need].append(row)
-            add(room - need, 1)
+    rest = order[full:]
+    for first in range(0, len(rest), _CHUNK):  # Python ints for one chunk at a time, never for all
+        chunk = rest[first : first + _CHUNK]
+        placed = np.empty(len(chunk), dtype=np.int64)
+        for j, need in enumerate(lengths[chunk].tolist()):
+            room = tightest(need)
+            if room is None:
+                row, room = rows, capacity
+                rows += 1
+            else:
+                row = by_room[room].pop()
+                add(room, -1)
+            placed[j] = row
+            if room - need > 0:
+                by_room[room - need].append(row)
+                add(room - need, 1)
+        row_of[chunk] = placed
     items = order[np.argsort(row_of[order], kind="stable")]  # grouped by row, in placement order
     offsets = np.zeros(rows + 1, dtype=np.int64)
     np.cumsum(np.bincount(row_of, minlength=rows), out=offsets[1:])

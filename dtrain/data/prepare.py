@@ -302,7 +302,7 @@ def write_prepared(cfg: Config, tokenizer, sources: list[SourceConfig], out: Pat
     started = time.perf_counter()
     try:
         manifest = {**data_key(cfg, tokenizer, sources), "sources_data": {}, "weights": {},
-                    "host": socket.gethostname()}  # fmt: skip
+                    "host": node_name()}  # fmt: skip
         for s, flag in zip(sources, flags, strict=True):
             manifest["sources_data"][s.name] = prepare_source(cfg, s, tokenizer, tmp / s.name, num_proc, flag)
             manifest["weights"][s.name] = s.weight
@@ -318,6 +318,34 @@ def write_prepared(cfg: Config, tokenizer, sources: list[SourceConfig], out: Pat
     say(f"dtrain: prepared {len(sources)} source(s), {tokens:,} train tokens, in {manifest['seconds']:.1f} s "
         f"-> {out}")  # fmt: skip
     return manifest
+
+
+def check_manifest(manifest: dict, cfg: Config, tokenizer, sources: list[SourceConfig], path: Path) -> None:
+    """Refuse a prepared directory that is not this run's data, naming what differs. With no sources in
+    the recipe, the directory's own sources are used as they are."""
+    want = data_key(cfg, tokenizer, sources)
+    have = manifest
+    if not sources:
+        have = {**manifest, "sources": []}
+    problems = differences(have, want)
+    if problems:
+        raise UserError(
+            f"--data.prepared {path} does not match this run: {'; '.join(problems)}; run `dtrain prepare` again "
+            "with this run's settings, or point --data.prepared at a directory prepared for them"
+        )
+
+
+def manifest_matches(cache: Path, key: dict) -> dict | None:
+    try:
+        manifest = json.loads((cache / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if {k: manifest.get(k) for k in key} == key else None
+
+
+def node_name() -> str:
+    """This node as the log names it: Slurm's node name, else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def read_manifest(path: Path, flag: str = "data.prepared") -> dict:
@@ -344,6 +372,7 @@ class Split(torch.utils.data.Dataset):
     else one example {input_ids, labels} (numpy int64)."""
 
     def __init__(self, path: Path, template: str):
+        self.path = path
         load = lambda name: np.load(path / f"{name}.npy", mmap_mode="r")  # noqa: E731
         self.tokens, self.offsets, self.has_target = load("tokens"), load("offsets"), load("has_target")
         self.targets = load("targets") if (path / "targets.npy").is_file() else None
@@ -355,6 +384,9 @@ class Split(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.row_tokens)
+
+    def __reduce__(self):  # DataLoader workers under spawn map the files again instead of copying them
+        return (Split, (self.path, self.template))
 
     @property
     def num_examples(self) -> int:
@@ -388,6 +420,8 @@ class Prepared:
     train: list[Split]
     eval: dict[str, Split]
     generate: list[dict]
+    cache: Path | None = None  # the run's own cache under <output_dir>/data/prepared/ (not --data.prepared)
+    created: bool = False  # written by this start
 
 
 def open_prepared(path: Path, manifest: dict, num_generate: int) -> Prepared:
@@ -403,126 +437,6 @@ def open_prepared(path: Path, manifest: dict, num_generate: int) -> Prepared:
             items = [{**it, "task": n if it.get("task") in (None, "all") else f"{n}/{it['task']}"} for it in items]
         generate += items
     return Prepared(path, manifest, names, train, evals, generate[:num_generate])
-
-
-# --------------------------------------------------------------------------------------------
-# A run's data: prepared once for the whole job
-# --------------------------------------------------------------------------------------------
-
-
-def check_manifest(manifest: dict, cfg: Config, tokenizer, sources: list[SourceConfig], path: Path) -> None:
-    """Refuse a prepared directory that is not this run's data, naming what differs. With no sources in
-    the recipe, the directory's own sources are used as they are."""
-    want = data_key(cfg, tokenizer, sources)
-    have = manifest
-    if not sources:
-        have = {**manifest, "sources": []}
-    problems = differences(have, want)
-    if problems:
-        raise UserError(
-            f"--data.prepared {path} does not match this run: {'; '.join(problems)}; run `dtrain prepare` again "
-            "with this run's settings, or point --data.prepared at a directory prepared for them"
-        )
-
-
-def _agreed_token(accelerator) -> str:
-    """One random token for this launch, the same on every rank (one broadcast, before any wait)."""
-    token = [os.urandom(8).hex()]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(token, from_process=0)
-    return token[0]
-
-
-def _cached(cache: Path, key: dict) -> dict | None:
-    try:
-        manifest = json.loads((cache / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if {k: manifest.get(k) for k in key} == key else None
-
-
-def _wait_for(signal: Path, timeout_s: int, rank: int) -> dict:
-    """The other ranks: poll for the main process's word (a file, not a collective), bounded by our own
-    timeout; the main process's failure arrives as its one line."""
-    started = time.monotonic()
-    while not signal.is_file():
-        if time.monotonic() - started > timeout_s:
-            raise UserError(
-                f"rank {rank} waited {timeout_s} s for the main process to prepare the data and gave up; raise "
-                "--data.prepare_timeout_s, or run `dtrain prepare` before the job and pass --data.prepared"
-            )
-        time.sleep(0.5)
-    for _ in range(20):  # written by rename, so complete once there; read again on a slow filesystem
-        try:
-            word = json.loads(signal.read_text())
-            break
-        except (OSError, ValueError):
-            time.sleep(0.25)
-    else:
-        raise UserError(f"rank {rank} could not read the main process's data status file {signal}")
-    if "error" in word:
-        raise UserError(word["error"])
-    return word
-
-
-def prepare_once(cfg: Config, tokenizer, accelerator, sources: list[SourceConfig], flags: list[str],
-                 before=None) -> Prepared:  # fmt: skip
-    """--data.prepared DIR (checked, then mapped), or the sources prepared into <output_dir>/data/prepared
-    by the global main process alone and reused while its manifest matches. `before` runs on the main
-    process first (writing the embedded data)."""
-    d = cfg.data
-    if d.prepared is not None:
-        path = Path(d.prepared).expanduser()
-        manifest = read_manifest(path)
-        check_manifest(manifest, cfg, tokenizer, sources, path)
-        return open_prepared(path, {**manifest, "cache": "prepared"}, cfg.eval.num_generate)
-    cache = Path(cfg.output_dir) / "data" / "prepared"
-    host, rank = socket.gethostname(), accelerator.process_index
-    token = _agreed_token(accelerator)
-    signal = cache.parent / f".prepared-{token}.json"
-    if accelerator.is_main_process:
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            for old in cache.parent.glob(".prepared-*.json"):
-                old.unlink(missing_ok=True)
-            if before is not None:
-                before()
-            key = data_key(cfg, tokenizer, sources)
-            manifest = _cached(cache, key)
-            status = "hit" if manifest is not None else "miss"
-            if manifest is None:
-                others = f"; the other {accelerator.num_processes - 1} rank(s) wait for it (up to --data.prepare_timeout_s {d.prepare_timeout_s})" if accelerator.num_processes > 1 else ""  # fmt: skip
-                print(f"dtrain: preparing the data on {host} (rank 0, --data.num_proc {d.num_proc}){others}", flush=True)  # fmt: skip
-                manifest = write_prepared(cfg, tokenizer, sources, cache, d.num_proc, flags)
-            word = {"host": host, "cache": status}
-        except UserError as exc:
-            word = {"error": str(exc)}
-            raise
-        except BaseException as exc:
-            word = {"error": f"the main process failed to prepare the data ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())[:200]}); its own message says more"}  # fmt: skip
-            raise
-        finally:
-            if accelerator.num_processes > 1:
-                write_json(signal, word)
-    else:
-        if accelerator.is_local_main_process:
-            print(f"dtrain: rank {rank} on {host} waits for rank 0 to prepare the data", flush=True)
-        word = _wait_for(signal, d.prepare_timeout_s, rank)
-        status = word["cache"]
-        if accelerator.is_local_main_process:
-            print(f"dtrain: rank {rank} on {host} reads the data prepared by rank 0 on {word['host']}", flush=True)
-        manifest = read_manifest(cache)
-    return open_prepared(cache, {**manifest, "cache": status}, cfg.eval.num_generate)
-
-
-def write_json(path: Path, obj) -> None:
-    """Write by rename, so a reader sees the whole file or none."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -573,7 +487,7 @@ def _int_arg(flag: str, value: str) -> int:
 
 def prepare_main(argv: list[str]) -> int:
     from dtrain.config import parse_config
-    from dtrain.data import run_sources
+    from dtrain.data.sources import run_sources
     from dtrain.modeling import build_tokenizer
 
     if not argv or argv[0] in ("-h", "--help"):
@@ -592,7 +506,7 @@ def prepare_main(argv: list[str]) -> int:
     target = Path(out).expanduser()
     key = data_key(cfg, tokenizer, sources)
     if target.exists():
-        if (target / MANIFEST).is_file() and _cached(target, key) is not None:
+        if (target / MANIFEST).is_file() and manifest_matches(target, key) is not None:
             print(f"dtrain: {target} already holds this data, prepared by the same settings; nothing to do")
             return 0
         if not target.is_dir() or any(target.iterdir()):

@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from dtrain.config import DataConfig, UserError, looks_local
+from dtrain.config import Config, DataConfig, SourceConfig, UserError, looks_local, resolved_sources
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -486,3 +486,34 @@ def use_chat_template(tokenizer, cfg: DataConfig, ds, path: str, flag: str, rows
             raise UserError(
                 f"{source} fails to render row {i + 1} of --{flag} '{path}'{at}: {_root_cause(exc)[:200]}; {fix}"
             ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# The run's sources
+# --------------------------------------------------------------------------------------------
+
+
+def run_sources(cfg: Config) -> tuple[list[SourceConfig], list[str]]:
+    """The run's sources (the embedded synthetic data as one source) and how messages name each."""
+    if cfg.data.prepared is not None and cfg.data.path is None and not cfg.data.sources:
+        return [], []  # the prepared directory's own sources
+    if cfg.data.sources:
+        sources = resolved_sources(cfg.data)
+        return sources, [f"data.sources[{i}]." for i in range(len(sources))]
+    if cfg.data.path is not None:
+        return resolved_sources(cfg.data), ["data."]
+    data_dir = Path(cfg.output_dir) / "data"
+    d = cfg.data
+    synthetic = SourceConfig(path=str(data_dir / "train.jsonl"), eval_path=str(data_dir / "eval.jsonl"),
+                             name="synthetic", template=d.template, text_column=d.text_column,
+                             messages_column=d.messages_column, chat_template=d.chat_template, split=d.split,
+                             eval_fraction=d.eval_fraction)  # fmt: skip
+    return [synthetic], ["data."]
+
+
+def write_embedded_data(cfg: Config) -> None:
+    from dtrain.tasks import write_synthetic_data
+
+    d = cfg.data
+    write_synthetic_data(Path(cfg.output_dir) / "data", d.synthetic_tasks, d.synthetic_train_examples,
+                         d.synthetic_eval_examples, cfg.train.seed)  # fmt: skip

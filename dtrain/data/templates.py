@@ -173,7 +173,7 @@ def encode_batch(batch: dict[str, list], tokenizer, cfg: DataConfig) -> dict[str
     out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "document": []}
     for doc, (ids, labels, content, response_start) in enumerate(encoded):
         if cfg.template == "text":
-            pieces = list(zip(split_pieces(ids, cfg.max_length), split_pieces(labels, cfg.max_length)))
+            pieces = list(zip(split_pieces(ids, cfg.max_length), split_pieces(labels, cfg.max_length), strict=True))
         else:
             pieces = [fit(ids, labels, content, response_start, cfg.max_length)]
         for piece_ids, piece_labels in pieces:

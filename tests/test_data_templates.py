@@ -14,7 +14,9 @@ from dtrain.data.templates import (
     IGNORE_INDEX,
     alpaca_prompt,
     encode,
+    encode_batch,
     generation_item,
+    split_pieces,
 )
 
 ROWS = [{"instruction": "Reverse the letters.", "input": "abc", "output": "cba"}]
@@ -116,12 +118,26 @@ def test_text_template_trains_on_every_token(tok):
     assert generation_item({"body": "x"}, tok, DataConfig(template="text", text_column="body")) is None
 
 
-def test_text_truncation_cuts_the_end(tok):
-    row = {"text": "z" * 200}
-    long = encode(row, tok, DataConfig(template="text", max_length=40))
-    full = encode(row, tok, DataConfig(template="text", max_length=10_000))
-    assert long["truncated"] is True and full["truncated"] is False
-    assert long["input_ids"] == full["input_ids"][:40] and long["labels"] == full["labels"][:40]
+@pytest.mark.parametrize("length", [39, 40, 41, 78, 79, 80, 203])
+def test_a_long_text_document_becomes_overlapping_pieces_losing_no_target(tok, length):
+    row = {"text": "z" * (length - 2)}  # + BOS and EOS
+    full = encode_batch({"text": [row["text"]]}, tok, DataConfig(template="text", max_length=10_000))
+    pieces = encode_batch({"text": [row["text"]]}, tok, DataConfig(template="text", max_length=40))
+    ids = full["input_ids"][0]
+    assert len(ids) == length and not any(pieces["truncated"]) and set(pieces["document"]) == {0}
+    assert all(2 <= len(p) <= 40 for p in pieces["input_ids"])
+    at = 0
+    for piece in pieces["input_ids"]:  # each piece starts at the previous piece's last token
+        assert piece == ids[at : at + len(piece)]
+        at += len(piece) - 1
+    assert at == length - 1  # the pieces reach the last token: every token but the first is a target once
+    assert pieces["labels"] == pieces["input_ids"]
+
+
+def test_split_pieces_keeps_short_documents_whole():
+    assert split_pieces([1, 2, 3], 3) == [[1, 2, 3]]
+    assert split_pieces([1, 2, 3, 4], 3) == [[1, 2, 3], [3, 4]]
+    assert split_pieces([1, 2, 3, 4, 5], 3) == [[1, 2, 3], [3, 4, 5]]
 
 
 def test_alpaca_truncation_keeps_the_response_and_the_end_of_the_instruction(tok):
@@ -179,12 +195,12 @@ def test_chat_truncation_drops_old_turns_first_and_keeps_the_last_reply(tok):
     assert "NEW REPLY" + tok.eos_token in tok.decode(trained(enc))
 
 
-def test_exactly_max_length_is_not_truncated(tok):
+def test_exactly_max_length_is_one_piece_and_one_more_token_two(tok):
     n = len(encode({"text": "abcdef"}, tok, DataConfig(template="text"))["input_ids"])
-    enc = encode({"text": "abcdef"}, tok, DataConfig(template="text", max_length=n))
-    assert enc["truncated"] is False and len(enc["input_ids"]) == n
-    enc = encode({"text": "abcdef"}, tok, DataConfig(template="text", max_length=n - 1))
-    assert enc["truncated"] is True and len(enc["input_ids"]) == n - 1
+    enc = encode_batch({"text": ["abcdef"]}, tok, DataConfig(template="text", max_length=n))
+    assert enc["truncated"] == [False] and [len(p) for p in enc["input_ids"]] == [n]
+    enc = encode_batch({"text": ["abcdef"]}, tok, DataConfig(template="text", max_length=n - 1))
+    assert enc["truncated"] == [False, False] and [len(p) for p in enc["input_ids"]] == [n - 1, 2]
 
 
 def test_nulls_are_nothing_to_learn_never_the_string_none(tok):
