@@ -154,8 +154,8 @@ def prepare(spec: dict) -> dict:
 
     from dtrain.config import DataConfig
     from dtrain.data import DataOrder
-    from dtrain.tasks import build_char_tokenizer
     from dtrain.data.templates import encode_batch
+    from dtrain.tasks import build_char_tokenizer
 
     work = Path(spec["work"])
     (work / "data").mkdir(parents=True, exist_ok=True)

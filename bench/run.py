@@ -1,7 +1,7 @@
 """One benchmark run comparing dtrain with transformers Trainer and minimal hand-written loops.
 
-    make bench                              # full CPU mode: 3-5 repeats (~11 min on 2 cores)
-    make bench ARGS=--quick                 # every case once, 2-3 steps (~2.5 min; CI: proves it runs, judges nothing)
+    make bench                              # full CPU mode: 3-5 repeats (~11 min on 2 cores, + ~10 min of data)
+    make bench ARGS=--quick                 # every case once, 2-3 steps (~4 min; CI: proves it runs, judges nothing)
     .venv/bin/python bench/run.py --gpu     # GPU mode: a ~1B Llama, bf16, packing, MFU (~8 min)
     .venv/bin/python bench/run.py --quick --only overhead,memory --keep   # a subset; keep the work dir
 
@@ -59,6 +59,9 @@ Sections
    anyway), taken when metrics.jsonl gets its first row; the whole `--print_config` process; and the
    heavy modules a `--print_config` process (and, in full mode, that training run) imports, from
    `python -X importtime`.
+5. data: `dtrain prepare` against the run_clm tokenize + group_texts recipe, start-up and per-rank peak
+   RSS of 2-rank runs on prepared 1x and 10x corpora, and (full mode) a 100M-token corpus; see
+   bench/data_bench.py.
 Quick mode: 1 repeat, 2-3 steps per case, memory profiles ddp and zero3 only, no import timing of the
 training run.
 
@@ -124,7 +127,7 @@ class Plan:
     mode: str
     max_length: int = 256
     train_examples: int = 2000
-    sections: tuple[str, ...] = ("overhead", "throughput", "memory", "startup")
+    sections: tuple[str, ...] = ("overhead", "throughput", "memory", "startup", "data")
     # (batch, warm-up steps, measured steps, log every, repeats)
     overhead: tuple[int, int, int, int, int] = (8, 20, 300, 20, 5)
     throughput: tuple[int, int, int, int, int] = (16, 3, 24, 3, 5)
@@ -848,12 +851,15 @@ def section_gpu(ctx: Ctx, say) -> dict:
             "cases": cases, "checks": checks, "goals": goals, "flops_per_token": flops_per_token}  # fmt: skip
 
 
+import data_bench  # noqa: E402  (section 5, bench/data_bench.py: it reads this module's Case, run_process, ...)
+
 SECTIONS = {
     "overhead": [section_overhead],
     "throughput": [section_throughput],
     "memory": [section_optim_state, section_profiles, section_loss_memory],
     "startup": [section_startup],
     "gpu": [section_gpu],
+    "data": data_bench.sections(sys.modules[__name__]),
 }
 
 
@@ -940,6 +946,8 @@ def print_section(console, sec: dict) -> None:
                 fmt(s.get("tokens_per_sec")),
                 status_text(c),
             )
+    elif kind in data_bench.KINDS:
+        data_bench.fill_table(t, sec, fmt, status_text)
     elif kind == "section_startup":
         for col in ("what", "seconds (median)", "±", "peak RSS MiB", "note"):
             t.add_column(col, justify="left" if col in ("what", "note") else "right")
@@ -1045,7 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--quick", action="store_true", help="every case once, 2-3 steps (CI)")
     mode.add_argument("--gpu", action="store_true", help="GPU mode (~1B model, bf16, MFU)")
     parser.add_argument("--out", help="JSON results path (default bench/results/<mode>.json)")
-    parser.add_argument("--only", help="comma-separated sections: overhead,throughput,memory,startup")
+    parser.add_argument("--only", help="comma-separated sections: overhead,throughput,memory,startup,data")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (runs, logs, models)")
     parser.add_argument(
         "--overhead-threads",

@@ -124,7 +124,7 @@ class DataConfig:
     """Eval data (same forms as path). null holds out eval_fraction of path (or the synthetic eval set)."""
     eval_fraction: float = 0.02
     """Fraction of the train documents held out for eval when eval_path is null (a fixed split: the same
-    documents whatever the seed)."""
+    documents whatever the seed); 0 holds nothing out."""
     split: str = "train"
     """Split to read from hub datasets or DatasetDicts."""
     template: Literal["alpaca", "chat", "text"] = "chat"
@@ -751,8 +751,8 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"--{name} must be in [0, 1) (got {value})")
     if not 0.0 < o.decay_fraction <= 1.0:
         p.append(f"--optim.decay_fraction must be in (0, 1] (got {o.decay_fraction})")
-    if not 0.0 < d.eval_fraction < 1.0:
-        p.append(f"--data.eval_fraction must be in (0, 1) (got {d.eval_fraction})")
+    if not 0.0 <= d.eval_fraction < 1.0:
+        p.append(f"--data.eval_fraction must be in [0, 1) (got {d.eval_fraction}); 0 holds nothing out")
     if t.max_steps is not None and o.warmup_steps is not None and o.warmup_steps >= t.max_steps:
         p.append(f"--optim.warmup_steps ({o.warmup_steps}) must be < --train.max_steps ({t.max_steps})")
     templates = {s.template for s in resolved_sources(d)} or {d.template}

@@ -262,10 +262,11 @@ def record_run(run: Run, argv: list[str], resumed_from: Path | None, changes: li
     if cfg.log.report_to != "none":
         acc.init_trackers(cfg.log.project, config=flatten(cfg))
     t, world = cfg.train, acc.num_processes
+    stats = {k: v for k, v in run.data.stats.items() if k != "sources"}  # each source: the line after
     run.logger.write(
         f"dtrain: {run.num_params / 1e6:.2f}M params | {acc.distributed_type} x{world} | precision "
         f"{acc.mixed_precision} | global batch {t.per_device_batch_size} x {t.gradient_accumulation_steps} "
-        f"x {world} = {run.global_batch} | {run.max_steps} steps | {run.data.stats}"
+        f"x {world} = {run.global_batch} | {run.max_steps} steps | {stats}"
         + (f" | {describe(adapters)}" if adapters else "")
     )
     if len(run.data.names) > 1:

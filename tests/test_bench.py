@@ -38,7 +38,8 @@ def _summary(section: dict, case: str) -> dict:
 def test_every_case_ran(quick):
     assert quick["failed"] == []
     assert {s["kind"] for s in quick["sections"]} == {"section_overhead", "section_throughput",
-        "section_optim_state", "section_profiles", "section_loss_memory", "section_startup"}  # fmt: skip
+        "section_optim_state", "section_profiles", "section_loss_memory", "section_startup",
+        "section_data_prepare", "section_data_startup", "section_data_large"}  # fmt: skip
     for section in quick["sections"]:
         assert all(case["status"] == "ok" for case in section["cases"].values()), section["title"]
 
@@ -72,3 +73,24 @@ def test_the_chunked_loss_lowers_the_peak(quick):
     plain, chunked = _summary(section, "full_logits"), _summary(section, "chunked")
     assert chunked["peak_rss_mib"] < 0.6 * plain["peak_rss_mib"]
     assert chunked["tokens_per_step"] == plain["tokens_per_step"]
+
+
+def test_prepare_reads_every_token_the_baseline_reads_and_trains_on_two_ranks(quick):
+    cases = _section(quick, "section_data_prepare")["cases"]
+    assert all(c["status"] == "ok" for c in cases.values())
+    prep, base = cases["dtrain_np2"]["repeats"][0], cases["runclm_np2"]["repeats"][0]
+    assert prep["documents"] == base["documents"]
+    # nothing truncated: each piece of a document adds one token (its EOS, or the overlap with the next)
+    assert prep["examples"] == base["dtrain_pieces"]
+    assert prep["tokens"] == base["text_tokens"] + base["dtrain_pieces"]
+    assert cases["dtrain_np1"]["repeats"][0]["tokens"] == prep["tokens"]  # the same with one worker
+    assert prep["fill"] > 0.9 and base["block_tokens"] <= base["text_tokens"]
+    startup = _section(quick, "section_data_startup")
+    for case in startup["cases"].values():
+        r = case["repeats"][0]
+        for per_rank in (r["rank_peak_rss_mib"], r["rank_first_step_rss_mib"]):
+            assert len(per_rank) == 2 and min(per_rank.values()) > 0
+        assert 0 < r["startup_s"] < r["wall_s"]
+    small, big = startup["cases"]["train_1x"]["repeats"][0], startup["cases"]["train_10x"]["repeats"][0]
+    assert big["documents"] == 10 * small["documents"]
+    assert [g["met"] for g in startup["goals"]] == [None, None]  # quick mode judges nothing

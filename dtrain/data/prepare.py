@@ -175,9 +175,11 @@ def _features(chat_like: bool):
     return datasets.Features(f)
 
 
-def _tokenize(raw, tokenizer, dcfg: DataConfig, num_proc: int, desc: str):
+def _tokenize(raw, tokenizer, dcfg: DataConfig, num_proc: int, desc: str, scratch: Path):
     """`datasets.map` with num_proc workers: ids as int32, the target mask as uint8 (chat/alpaca) or one
-    flag per example (text: every token is a target, a null row trains nothing)."""
+    flag per example (text: every token is a target, a null row trains nothing). Its Arrow output goes to
+    `scratch` (inside the directory being written, removed once the arrays are), not the datasets cache,
+    where it would outlive its use at several times the size of the arrays."""
     chat_like = dcfg.template != "text"
 
     def encode(batch):
@@ -189,8 +191,10 @@ def _tokenize(raw, tokenizer, dcfg: DataConfig, num_proc: int, desc: str):
             result["trained"] = [bool(labels) and labels[-1] != IGNORE_INDEX for labels in out["labels"]]
         return result
 
+    scratch.parent.mkdir(parents=True, exist_ok=True)
     return raw.map(encode, batched=True, remove_columns=raw.column_names, features=_features(chat_like),
-                   num_proc=num_proc if num_proc > 1 and len(raw) >= 2 * num_proc else None, desc=desc)  # fmt: skip
+                   num_proc=num_proc if num_proc > 1 and len(raw) >= 2 * num_proc else None, desc=desc,
+                   cache_file_name=str(scratch))  # fmt: skip
 
 
 def _write_split(ds, out: Path, vocab: int, packing_capacity: int | None) -> dict:
@@ -269,8 +273,10 @@ def prepare_source(cfg: Config, s: SourceConfig, tokenizer, out: Path, num_proc:
         raw, raw_eval = parts["train"], parts["test"]
     vocab = len(tokenizer)
     capacity = cfg.data.max_length if cfg.data.packing else None
-    train = _tokenize(raw, tok, dcfg, num_proc, f"tokenizing {s.name}")
+    scratch = out / "_tokenized"
+    train = _tokenize(raw, tok, dcfg, num_proc, f"tokenizing {s.name}", scratch / "train.arrow")
     info = {"documents": len(raw), **_write_split(train, out / "train", vocab, capacity)}
+    del train
     if not info["examples"] or info["without_target"] == info["examples"]:
         raise UserError(
             f"--data.max_length {cfg.data.max_length}: none of the {info['examples']} train examples of "
@@ -279,8 +285,9 @@ def prepare_source(cfg: Config, s: SourceConfig, tokenizer, out: Path, num_proc:
         )
     result = {"train": info, "eval": None, "chat_template": tok.chat_template if s.template == "chat" else None}
     if raw_eval is not None and len(raw_eval):
-        evalset = _tokenize(raw_eval, tok, dcfg, num_proc, f"tokenizing {s.name} eval")
+        evalset = _tokenize(raw_eval, tok, dcfg, num_proc, f"tokenizing {s.name} eval", scratch / "eval.arrow")
         result["eval"] = {"documents": len(raw_eval), **_write_split(evalset, out / "eval", vocab, None)}
+        del evalset
         items = []
         if s.template != "text":
             for row in raw_eval.select(range(min(GENERATE_ROWS, len(raw_eval)))):
@@ -288,6 +295,7 @@ def prepare_source(cfg: Config, s: SourceConfig, tokenizer, out: Path, num_proc:
                 if item is not None:
                     items.append(item)
         (out / "generate.json").write_text(json.dumps(items))
+    shutil.rmtree(scratch, ignore_errors=True)
     return result
 
 
