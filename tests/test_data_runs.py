@@ -155,9 +155,9 @@ def test_a_checkpoint_of_the_old_data_format_is_refused_where_its_stream_would_d
 
 
 def test_a_data_error_on_the_main_process_ends_every_rank_in_one_line_not_a_hang(straight, tmp_path):
-    """2 gloo ranks: rank 0 prepares, rank 1 waits on a status file (no collective). A source that fails
-    to load reaches rank 1 as rank 0's own line; the job ends at once."""
-    from conftest import run_accelerate
+    """`dtrain launch ddp --cpu`, 2 gloo ranks: rank 0 prepares, rank 1 waits on a status file (no
+    collective). A source that fails to load reaches rank 1 as rank 0's own line; the job ends at once."""
+    from conftest import dtrain_launch
 
     root, recipe, _, _ = straight
     broken = tmp_path / "qa.jsonl"
@@ -166,8 +166,9 @@ def test_a_data_error_on_the_main_process_ends_every_rank_in_one_line_not_a_hang
     mix = tmp_path / "mix.yaml"
     mix.write_text(recipe.read_text().replace(str(root / "qa.jsonl"), str(broken)))
     started = time.time()
-    proc = run_accelerate(2, [*flags(mix), "--output_dir", str(tmp_path / "run")], timeout=300)
-    assert proc.returncode != 0 and time.time() - started < 120
+    proc = dtrain_launch("ddp", [*flags(mix), "--output_dir", str(tmp_path / "run")])
+    assert proc.returncode == 2 and time.time() - started < 120, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("dtrain: error:")]
     assert errors and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert all("--data.sources[1].path" in e and "line 5" in e for e in errors), errors
+    assert len(errors) == 2  # rank 0's own line, and the same line from rank 1, which was waiting for it
