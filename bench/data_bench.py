@@ -167,16 +167,20 @@ def setup(spec: dict) -> dict:
 
     eos = "<|endoftext|>"
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(first, vocab_size=TOKENIZER_VOCAB, min_frequency=2, special_tokens=[eos],
-                            show_progress=False)  # fmt: skip
+    bpe.train_from_iterator(
+        first, vocab_size=TOKENIZER_VOCAB, min_frequency=2, special_tokens=[eos], show_progress=False
+    )
     tok = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=eos, eos_token=eos, unk_token=eos)
-    model = save_model(work / "model", tok, {"hidden": 32, "intermediate": 64, "layers": 2, "heads": 2},
-                       2 * MAX_LENGTH)  # fmt: skip
+    model = save_model(
+        work / "model", tok, {"hidden": 32, "intermediate": 64, "layers": 2, "heads": 2}, 2 * MAX_LENGTH
+    )
     sample = first[: min(len(first), 2000)]
     tokens = sum(len(x) for x in tok(sample)["input_ids"])
     words = sum(t.count(" ") + 1 for t in sample)
-    recipes = {"1x": write_recipe(work, "1x", small, model["path"]),
-               f"{scale}x": write_recipe(work, f"{scale}x", big, model["path"])}  # fmt: skip
+    recipes = {
+        "1x": write_recipe(work, "1x", small, model["path"]),
+        f"{scale}x": write_recipe(work, f"{scale}x", big, model["path"]),
+    }
     return {
         "corpora": {
             "1x": {"path": str(small), "documents": facts_1x[0], "words": facts_1x[1], "bytes": facts_1x[2]},
@@ -186,7 +190,7 @@ def setup(spec: dict) -> dict:
                 "words": facts_1x[1] + rest[1],
                 "bytes": facts_1x[2] + rest[2],
             },
-        },  # fmt: skip
+        },
         "generate_s": generate_s,
         "tokens_per_word": tokens / words,
         "model": model,
@@ -203,8 +207,13 @@ def large_corpus(spec: dict) -> dict:
     started = time.perf_counter()
     with open(spec["path"], "w", buffering=1 << 22) as fh:
         n, words, size = write_docs(fh, gen.documents(docs))
-    return {"path": spec["path"], "documents": n, "words": words, "bytes": size,
-            "seconds": time.perf_counter() - started}  # fmt: skip
+    return {
+        "path": spec["path"],
+        "documents": n,
+        "words": words,
+        "bytes": size,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def baseline(spec: dict) -> dict:
@@ -225,8 +234,9 @@ def baseline(spec: dict) -> dict:
     def tokenize(batch):
         return tok(batch["text"])
 
-    tokenized = raw.map(tokenize, batched=True, num_proc=num_proc, remove_columns=raw.column_names,
-                        desc="tokenize")  # fmt: skip
+    tokenized = raw.map(
+        tokenize, batched=True, num_proc=num_proc, remove_columns=raw.column_names, desc="tokenize"
+    )
 
     def group_texts(batch):
         out = {}
@@ -355,7 +365,9 @@ def _state(ctx, bench, say) -> dict:
     work = ctx.work / "data_bench"
     work.mkdir(parents=True, exist_ok=True)
     spec = {"work": str(work), "docs": s["docs"], "scale": s["scale"], "seed": 0}
-    say(f"  generating the corpora ({s['docs']:,} and {s['docs'] * s['scale']:,} documents), the tokenizer and the model")  # fmt: skip
+    say(
+        f"  generating the corpora ({s['docs']:,} and {s['docs'] * s['scale']:,} documents), the tokenizer and the model"
+    )
     result = _helper(ctx, bench, "setup", spec, work / "setup")
     st = {**result, "work": str(work), "prepared": {}, "facts": {}}
     ctx.prep["data_bench"] = st
@@ -365,8 +377,12 @@ def _state(ctx, bench, say) -> dict:
 def _helper(ctx, bench, kind: str, spec: dict, where: Path, timeout: float | None = None) -> dict:
     where.mkdir(parents=True, exist_ok=True)
     (where / "spec.json").write_text(json.dumps(spec, indent=1))
-    proc = bench.run_process([sys.executable, str(SELF), kind, str(where / "spec.json"), str(where / "result.json")],
-                             where / "log.txt", bench.subprocess_env(ctx.threads), timeout or ctx.plan.timeout)  # fmt: skip
+    proc = bench.run_process(
+        [sys.executable, str(SELF), kind, str(where / "spec.json"), str(where / "result.json")],
+        where / "log.txt",
+        bench.subprocess_env(ctx.threads),
+        timeout or ctx.plan.timeout,
+    )
     if proc.rc != 0 or not (where / "result.json").is_file():
         raise bench.CaseError(f"{kind} exited {proc.rc}: {proc.tail()} (log {proc.log})")
     result = json.loads((where / "result.json").read_text())
@@ -378,7 +394,17 @@ def run_prepare(ctx, bench, recipe: str, num_proc: int, name: str, timeout: floa
     """`dtrain prepare --config RECIPE OUT --num-proc N`, with its own empty datasets cache."""
     run = ctx.fresh(name)
     out = run / "prepared"
-    cmd = [sys.executable, "-m", "dtrain.cli", "prepare", "--config", recipe, str(out), "--num-proc", str(num_proc)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "dtrain.cli",
+        "prepare",
+        "--config",
+        recipe,
+        str(out),
+        "--num-proc",
+        str(num_proc),
+    ]
     env = bench.subprocess_env(ctx.threads, HF_DATASETS_CACHE=str(run / "hf_datasets"))
     proc = bench.run_process(cmd, run / "log.txt", env, timeout or ctx.plan.timeout)
     if proc.rc != 0 or not (out / "manifest.json").is_file():
@@ -405,8 +431,13 @@ def run_prepare(ctx, bench, recipe: str, num_proc: int, name: str, timeout: floa
 
 def run_baseline(ctx, bench, st: dict, num_proc: int, name: str) -> dict:
     run = ctx.fresh(name)
-    spec = {"path": st["corpora"]["1x"]["path"], "model": st["model"]["path"], "num_proc": num_proc,
-            "block_size": MAX_LENGTH, "cache": str(run / "hf_datasets")}  # fmt: skip
+    spec = {
+        "path": st["corpora"]["1x"]["path"],
+        "model": st["model"]["path"],
+        "num_proc": num_proc,
+        "block_size": MAX_LENGTH,
+        "cache": str(run / "hf_datasets"),
+    }
     result = _helper(ctx, bench, "baseline", spec, run)
     result["datasets_cache_bytes"] = du(run / "hf_datasets")
     shutil.rmtree(run / "hf_datasets", ignore_errors=True)
@@ -419,13 +450,48 @@ def run_prepared_training(
     """A 2-step run as WORLD CPU ranks on a prepared directory, as tests/conftest.py `run_accelerate`
     launches it; start-up and each rank's peak RSS from RankWatch."""
     out = ctx.fresh(name)
-    args = ["--config", recipe, "--data.prepared", prepared, "--train.max_steps", "2",
-            "--train.per_device_batch_size", "4", "--log.every_steps", "1", "--eval.steps", "0",
-            "--eval.num_generate", "0", "--eval.num_samples", "0", "--checkpoint.save_steps", "0",
-            "--log.progress_bar", "false", "--output_dir", str(out)]  # fmt: skip
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(bench.free_port()), str(bench.TRAIN), *args]  # fmt: skip
+    args = [
+        "--config",
+        recipe,
+        "--data.prepared",
+        prepared,
+        "--train.max_steps",
+        "2",
+        "--train.per_device_batch_size",
+        "4",
+        "--log.every_steps",
+        "1",
+        "--eval.steps",
+        "0",
+        "--eval.num_generate",
+        "0",
+        "--eval.num_samples",
+        "0",
+        "--checkpoint.save_steps",
+        "0",
+        "--log.progress_bar",
+        "false",
+        "--output_dir",
+        str(out),
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(WORLD),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(bench.free_port()),
+        str(bench.TRAIN),
+        *args,
+    ]
     env = bench.subprocess_env(1, ACCELERATE_USE_CPU="1")
     watch = RankWatch(out)
     proc = bench.run_process(cmd, out / "log.txt", env, timeout or ctx.plan.timeout, watch)
@@ -520,22 +586,31 @@ def sections(bench) -> list:
         for n in (2, 1):
             d, h = med(by[f"dtrain_np{n}"], "wall_s"), med(by[f"runclm_np{n}"], "wall_s")
             if d and h:
-                notes.append(f"num_proc {n}: dtrain prepare takes {d:.1f} s, the run_clm recipe {h:.1f} s "
-                             f"({h / d:.2f}x dtrain's tokens/s against the baseline's)")  # fmt: skip
+                notes.append(
+                    f"num_proc {n}: dtrain prepare takes {d:.1f} s, the run_clm recipe {h:.1f} s "
+                    f"({h / d:.2f}x dtrain's tokens/s against the baseline's)"
+                )
         d, h = by["dtrain_np2"].repeats, by["runclm_np2"].repeats
         if d and h:
             agree = d[0]["text_tokens"] == h[0]["text_tokens"] and d[0]["examples"] == h[0]["dtrain_pieces"]
-            notes.append(f"same corpus, same tokens: {h[0]['text_tokens']:,} text tokens in {h[0]['documents']:,} "
-                         f"documents; dtrain wrote {d[0]['tokens']:,} (+1 EOS per document, +1 per piece boundary: "
-                         f"{d[0]['examples']:,} pieces, {'as' if agree else 'NOT as'} the baseline's lengths predict), "
-                         f"{d[0]['rows']:,} packed rows {d[0]['fill']:.1%} full; run_clm kept "
-                         f"{h[0]['block_tokens']:,} in {h[0]['blocks']:,} blocks (no EOS; each map batch's remainder dropped)")  # fmt: skip
+            notes.append(
+                f"same corpus, same tokens: {h[0]['text_tokens']:,} text tokens in {h[0]['documents']:,} "
+                f"documents; dtrain wrote {d[0]['tokens']:,} (+1 EOS per document, +1 per piece boundary: "
+                f"{d[0]['examples']:,} pieces, {'as' if agree else 'NOT as'} the baseline's lengths predict), "
+                f"{d[0]['rows']:,} packed rows {d[0]['fill']:.1%} full; run_clm kept "
+                f"{h[0]['block_tokens']:,} in {h[0]['blocks']:,} blocks (no EOS; each map batch's remainder dropped)"
+            )
         st["facts"]["text_tokens_1x"] = text_tokens
-        return {"title": f"5(i). Tokenization: dtrain prepare vs the run_clm recipe (byte-level BPE, {TOKENIZER_VOCAB:,} "
-                         f"tokens; template text, max_length {MAX_LENGTH}, packing; {st['corpora']['1x']['documents']:,} "
-                         f"documents, {s['repeats']} repeat(s); seconds = the whole process)",
-                "cases": cases, "goals": [], "notes": notes,
-                "corpora": st["corpora"], "tokens_per_word": st["tokens_per_word"]}  # fmt: skip
+        return {
+            "title": f"5(i). Tokenization: dtrain prepare vs the run_clm recipe (byte-level BPE, {TOKENIZER_VOCAB:,} "
+            f"tokens; template text, max_length {MAX_LENGTH}, packing; {st['corpora']['1x']['documents']:,} "
+            f"documents, {s['repeats']} repeat(s); seconds = the whole process)",
+            "cases": cases,
+            "goals": [],
+            "notes": notes,
+            "corpora": st["corpora"],
+            "tokens_per_word": st["tokens_per_word"],
+        }
 
     def section_data_startup(ctx, say) -> dict:
         st = _state(ctx, bench, say)
@@ -553,8 +628,10 @@ def sections(bench) -> list:
                 ctx, bench, st["recipes"][corpus], st["prepared"][corpus], f"data-train-{corpus}"
             )
 
-        cases = [bench.Case("train_1x", "2 ranks, 2 steps, --data.prepared 1x", train("1x")),
-                 bench.Case(f"train_{big}", f"2 ranks, 2 steps, --data.prepared {big}", train(big))]  # fmt: skip
+        cases = [
+            bench.Case("train_1x", "2 ranks, 2 steps, --data.prepared 1x", train("1x")),
+            bench.Case(f"train_{big}", f"2 ranks, 2 steps, --data.prepared {big}", train(big)),
+        ]
         bench.run_alternately(cases, s["train_repeats"], say)
         judged = ctx.plan.mode != "quick"
         a, b = cases
@@ -578,17 +655,22 @@ def sections(bench) -> list:
             bench.goal(f"start-up, {big} minus 1x (s)", up, "<= +2 s", up is not None and up <= 2.0, judged)
         )
         st["facts"]["train_1x"] = {"startup_s": sa, "first_step_rss_mib": pa, "peak_rss_mib": rank_peaks(a)}
-        return {"title": f"5(ii). Start-up and peak RSS per rank on a prepared corpus ({WORLD} CPU ranks, gloo, 2 steps "
-                         f"of 4 packed rows per rank; {s['train_repeats']} repeat(s))",
-                "cases": cases, "goals": goals,
-                "notes": ["start-up: launch -> first train row in metrics.jsonl (median); to step 1: each rank's peak "
-                          "RSS through start-up and the first step (ru_maxrss, dtrain's peak_memory_mib_per_rank of "
-                          "the first row; median), what the goal reads; whole run: each rank's VmHWM polled (the "
-                          "launcher not included), lowest and median over repeats; file-backed: the largest RssFile "
-                          "seen (libraries and the memory-mapped arrays)",
-                          "the whole-run peak of a rank jumps by ~50-100 MiB in some runs and not in others, at every "
-                          "corpus size, in step 2 (likely how the allocator serves the step's logits-sized buffers, "
-                          "4 x 256 x 8192 fp32 = 32 MiB each), so it is shown but does not decide the goal"]}  # fmt: skip
+        return {
+            "title": f"5(ii). Start-up and peak RSS per rank on a prepared corpus ({WORLD} CPU ranks, gloo, 2 steps "
+            f"of 4 packed rows per rank; {s['train_repeats']} repeat(s))",
+            "cases": cases,
+            "goals": goals,
+            "notes": [
+                "start-up: launch -> first train row in metrics.jsonl (median); to step 1: each rank's peak "
+                "RSS through start-up and the first step (ru_maxrss, dtrain's peak_memory_mib_per_rank of "
+                "the first row; median), what the goal reads; whole run: each rank's VmHWM polled (the "
+                "launcher not included), lowest and median over repeats; file-backed: the largest RssFile "
+                "seen (libraries and the memory-mapped arrays)",
+                "the whole-run peak of a rank jumps by ~50-100 MiB in some runs and not in others, at every "
+                "corpus size, in step 2 (likely how the allocator serves the step's logits-sized buffers, "
+                "4 x 256 x 8192 fp32 = 32 MiB each), so it is shown but does not decide the goal",
+            ],
+        }
 
     def section_data_large(ctx, say) -> dict:
         s = sizes(ctx)
@@ -603,8 +685,12 @@ def sections(bench) -> list:
         train = bench.Case("train", f"{WORLD} ranks, 2 steps, --data.prepared")
 
         def generate(r):
-            spec = {"path": str(work / "corpus-large.jsonl"), "tokens": want, "seed": 1,
-                    "tokens_per_word": st["tokens_per_word"]}  # fmt: skip
+            spec = {
+                "path": str(work / "corpus-large.jsonl"),
+                "tokens": want,
+                "seed": 1,
+                "tokens_per_word": st["tokens_per_word"],
+            }
             return _helper(ctx, bench, "large_corpus", spec, work / "large", timeout=3600)
 
         def prepare(r):
@@ -617,8 +703,9 @@ def sections(bench) -> list:
             return result
 
         gen.run, prep.run = generate, prepare
-        train.run = lambda r: run_prepared_training(ctx, bench, st["recipes"]["large"], st["prepared"]["large"],
-                                                    "data-train-large", timeout=1800)  # fmt: skip
+        train.run = lambda r: run_prepared_training(
+            ctx, bench, st["recipes"]["large"], st["prepared"]["large"], "data-train-large", timeout=1800
+        )
         for case in (gen, prep, train):
             bench.run_alternately([case], 1, say)
             if case.status == "failed":
@@ -636,15 +723,19 @@ def sections(bench) -> list:
             def grow(key: str, ref: dict) -> str:
                 return ", ".join(f"rank {k} {v / ref[k] - 1:+.1%}" for k, v in r[key].items() if ref.get(k))
 
-            notes.append(f"against the 1x corpus ({st['corpora']['1x']['documents']:,} documents): start-up "
-                         f"{r['startup_s'] - base['startup_s']:+.2f} s (against its median), RSS to step 1 "
-                         f"{grow('rank_first_step_rss_mib', base['first_step_rss_mib'])} (against its median), "
-                         f"whole-run peak {grow('rank_peak_rss_mib', base['peak_rss_mib'])} (against its lowest)")  # fmt: skip
+            notes.append(
+                f"against the 1x corpus ({st['corpora']['1x']['documents']:,} documents): start-up "
+                f"{r['startup_s'] - base['startup_s']:+.2f} s (against its median), RSS to step 1 "
+                f"{grow('rank_first_step_rss_mib', base['first_step_rss_mib'])} (against its median), "
+                f"whole-run peak {grow('rank_peak_rss_mib', base['peak_rss_mib'])} (against its lowest)"
+            )
         if prep.repeats:
             r = prep.repeats[0]
-            notes.append(f"dtrain prepare peak RSS {r['peak_rss_mib']:.0f} MiB; its datasets cache (the json read "
-                         f"into Arrow and the map's output, left in HF_DATASETS_CACHE) held "
-                         f"{r['datasets_cache_bytes'] / 2**30:.2f} GiB beside the {r['disk_bytes'] / 2**30:.2f} GiB prepared")  # fmt: skip
+            notes.append(
+                f"dtrain prepare peak RSS {r['peak_rss_mib']:.0f} MiB; its datasets cache (the json read "
+                f"into Arrow and the map's output, left in HF_DATASETS_CACHE) held "
+                f"{r['datasets_cache_bytes'] / 2**30:.2f} GiB beside the {r['disk_bytes'] / 2**30:.2f} GiB prepared"
+            )
         return {"title": title, "cases": [gen, prep, train], "goals": [], "notes": notes}
 
     return [section_data_prepare, section_data_startup, section_data_large]
@@ -659,42 +750,105 @@ def fill_table(t, sec: dict, fmt, status_text) -> None:
     """bench/run.py's print_section for the data kinds: columns and rows into the rich Table t."""
     kind, cases = sec["kind"], sec["cases"]
     if kind == "section_data_prepare":
-        cols = ["case", "corpus", "documents", "text tokens", "seconds", "±", "tokens/s", "in-process s",
-                "tokens written", "peak RSS MiB", "disk B/token", "note"]  # fmt: skip
+        cols = [
+            "case",
+            "corpus",
+            "documents",
+            "text tokens",
+            "seconds",
+            "±",
+            "tokens/s",
+            "in-process s",
+            "tokens written",
+            "peak RSS MiB",
+            "disk B/token",
+            "note",
+        ]
         for col in cols:
             t.add_column(col, justify="left" if col in ("case", "corpus", "note") else "right")
         for c in cases:
             r = c.repeats[0] if c.repeats else {}
-            t.add_row(c.label, r.get("corpus", "-"), fmt(r.get("documents"), ","), fmt(r.get("corpus_text_tokens"), ","),
-                      fmt(med(c, "wall_s"), ".2f"), fmt(spread(c, "wall_s"), ".0%"), fmt(med(c, "tokens_per_sec"), ",.0f"),
-                      fmt(med(c, "in_process_s"), ".2f"), fmt(r.get("tokens") or r.get("block_tokens"), ","),
-                      fmt(med(c, "peak_rss_mib")), fmt(r.get("disk_bytes_per_token"), ".2f"), status_text(c))  # fmt: skip
+            t.add_row(
+                c.label,
+                r.get("corpus", "-"),
+                fmt(r.get("documents"), ","),
+                fmt(r.get("corpus_text_tokens"), ","),
+                fmt(med(c, "wall_s"), ".2f"),
+                fmt(spread(c, "wall_s"), ".0%"),
+                fmt(med(c, "tokens_per_sec"), ",.0f"),
+                fmt(med(c, "in_process_s"), ".2f"),
+                fmt(r.get("tokens") or r.get("block_tokens"), ","),
+                fmt(med(c, "peak_rss_mib")),
+                fmt(r.get("disk_bytes_per_token"), ".2f"),
+                status_text(c),
+            )
     elif kind == "section_data_startup":
-        for col in ("case", "documents", "tokens", "packed rows", "start-up s", "±", "RSS MiB/rank to step 1",
-                    "whole run: lowest", "median", "file-backed MiB", "wall s", "note"):  # fmt: skip
+        for col in (
+            "case",
+            "documents",
+            "tokens",
+            "packed rows",
+            "start-up s",
+            "±",
+            "RSS MiB/rank to step 1",
+            "whole run: lowest",
+            "median",
+            "file-backed MiB",
+            "wall s",
+            "note",
+        ):
             t.add_column(col, justify="left" if col in ("case", "note") else "right")
         for c in cases:
             r = c.repeats[0] if c.repeats else {}
             per = lambda d: " / ".join(f"{v:.0f}" for v in d.values()) or "-"  # noqa: E731
-            t.add_row(c.label, fmt(r.get("documents"), ","), fmt(r.get("tokens"), ","), fmt(r.get("rows"), ","),
-                      fmt(med(c, "startup_s"), ".2f"), fmt(spread(c, "startup_s"), ".0%"),
-                      per(rank_peaks(c, statistics.median, "rank_first_step_rss_mib")), per(rank_peaks(c)),
-                      per(rank_peaks(c, statistics.median)), per(rank_peaks(c, max, "rank_rss_file_mib")),
-                      fmt(med(c, "wall_s"), ".1f"), status_text(c))  # fmt: skip
+            t.add_row(
+                c.label,
+                fmt(r.get("documents"), ","),
+                fmt(r.get("tokens"), ","),
+                fmt(r.get("rows"), ","),
+                fmt(med(c, "startup_s"), ".2f"),
+                fmt(spread(c, "startup_s"), ".0%"),
+                per(rank_peaks(c, statistics.median, "rank_first_step_rss_mib")),
+                per(rank_peaks(c)),
+                per(rank_peaks(c, statistics.median)),
+                per(rank_peaks(c, max, "rank_rss_file_mib")),
+                fmt(med(c, "wall_s"), ".1f"),
+                status_text(c),
+            )
     else:
-        for col in ("step", "documents", "tokens", "seconds", "tokens/s", "disk B/token", "start-up s",
-                    "peak RSS MiB (per rank: to step 1; whole run)", "note"):  # fmt: skip
+        for col in (
+            "step",
+            "documents",
+            "tokens",
+            "seconds",
+            "tokens/s",
+            "disk B/token",
+            "start-up s",
+            "peak RSS MiB (per rank: to step 1; whole run)",
+            "note",
+        ):
             t.add_column(col, justify="left" if col in ("step", "note") else "right")
         for c in cases:
             r = c.repeats[0] if c.repeats else {}
             peaks = fmt(r.get("peak_rss_mib"))
             if "rank_peak_rss_mib" in r:  # training: to step 1, then the whole run, per rank
-                step1, whole = (" / ".join(f"{v:.0f}" for v in r[k].values()) for k in ("rank_first_step_rss_mib", "rank_peak_rss_mib"))  # fmt: skip
+                step1, whole = (
+                    " / ".join(f"{v:.0f}" for v in r[k].values())
+                    for k in ("rank_first_step_rss_mib", "rank_peak_rss_mib")
+                )
                 peaks = f"{step1}; whole run {whole}"
             seconds = r.get("seconds") if c.key == "generate" else r.get("wall_s")
-            t.add_row(c.label, fmt(r.get("documents"), ","), fmt(r.get("tokens"), ","), fmt(seconds, ".1f"),
-                      fmt(r.get("tokens_per_sec"), ",.0f"), fmt(r.get("disk_bytes_per_token"), ".2f"),
-                      fmt(r.get("startup_s"), ".2f"), peaks, status_text(c))  # fmt: skip
+            t.add_row(
+                c.label,
+                fmt(r.get("documents"), ","),
+                fmt(r.get("tokens"), ","),
+                fmt(seconds, ".1f"),
+                fmt(r.get("tokens_per_sec"), ",.0f"),
+                fmt(r.get("disk_bytes_per_token"), ".2f"),
+                fmt(r.get("startup_s"), ".2f"),
+                peaks,
+                status_text(c),
+            )
 
 
 if __name__ == "__main__":

@@ -113,8 +113,19 @@ LOSS_CHUNK_SIZE = 256  # tokens per chunk of the memory-lean loss (section 3 iii
 OPTIM = {"lr": 1e-3, "weight_decay": 0.01, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "warmup_steps": 2}
 # dense bf16 peak FLOP/s by device name, first match wins
 PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
-HEAVY_MODULES = ("torch", "transformers", "accelerate", "datasets", "deepspeed", "bitsandbytes", "torchao",
-                 "tensorboard", "wandb", "jsonargparse", "yaml")  # fmt: skip
+HEAVY_MODULES = (
+    "torch",
+    "transformers",
+    "accelerate",
+    "datasets",
+    "deepspeed",
+    "bitsandbytes",
+    "torchao",
+    "tensorboard",
+    "wandb",
+    "jsonargparse",
+    "yaml",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,7 +191,7 @@ PLANS = {
                 "vocab_size": 32000,
                 "save_dtype": "bfloat16",
             }
-        },  # fmt: skip
+        },
         # tokens per optimizer step, warm-up (compile), measured steps, log every; 8-bit runs: steps, rows
         gpu={"tokens_per_step": 12288, "warmup": 10, "measure": 30, "log_every": 10, "check_steps": 16},
     ),
@@ -212,8 +223,13 @@ def subprocess_env(threads: int | None = None, **extra: str) -> dict:
     env = dict(os.environ)
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
         env.pop(key, None)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONWARNINGS="ignore", DTRAIN_TRACEBACK="1")  # fmt: skip
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONWARNINGS="ignore",
+        DTRAIN_TRACEBACK="1",
+    )
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     env.update(extra)
@@ -319,17 +335,55 @@ def dtrain_args(
     o = OPTIM
     precision = precision or ("bf16" if ctx.gpu else "no")
     return [
-        "--model.name_or_path", path, "--model.tokenizer", path,
-        "--data.path", ctx.paths[data], "--data.eval_path", ctx.paths["eval"], "--data.template", "chat",
-        "--data.max_length", str(ctx.plan.max_length),
-        "--train.max_steps", str(steps), "--train.per_device_batch_size", str(batch), "--train.seed", "42",
-        "--train.max_grad_norm", "1.0", "--train.mixed_precision", precision,
-        "--optim.lr", str(o["lr"]), "--optim.weight_decay", str(o["weight_decay"]), "--optim.beta1", str(o["beta1"]),
-        "--optim.beta2", str(o["beta2"]), "--optim.eps", str(o["eps"]), "--optim.scheduler", "cosine",
-        "--optim.warmup_steps", str(min(o["warmup_steps"], steps - 1)),
-        "--eval.steps", "0", "--eval.num_generate", "0", "--eval.num_samples", "0",
-        "--checkpoint.save_steps", "0", "--log.every_steps", str(log_every), "--log.progress_bar", "false",
-    ]  # fmt: skip
+        "--model.name_or_path",
+        path,
+        "--model.tokenizer",
+        path,
+        "--data.path",
+        ctx.paths[data],
+        "--data.eval_path",
+        ctx.paths["eval"],
+        "--data.template",
+        "chat",
+        "--data.max_length",
+        str(ctx.plan.max_length),
+        "--train.max_steps",
+        str(steps),
+        "--train.per_device_batch_size",
+        str(batch),
+        "--train.seed",
+        "42",
+        "--train.max_grad_norm",
+        "1.0",
+        "--train.mixed_precision",
+        precision,
+        "--optim.lr",
+        str(o["lr"]),
+        "--optim.weight_decay",
+        str(o["weight_decay"]),
+        "--optim.beta1",
+        str(o["beta1"]),
+        "--optim.beta2",
+        str(o["beta2"]),
+        "--optim.eps",
+        str(o["eps"]),
+        "--optim.scheduler",
+        "cosine",
+        "--optim.warmup_steps",
+        str(min(o["warmup_steps"], steps - 1)),
+        "--eval.steps",
+        "0",
+        "--eval.num_generate",
+        "0",
+        "--eval.num_samples",
+        "0",
+        "--checkpoint.save_steps",
+        "0",
+        "--log.every_steps",
+        str(log_every),
+        "--log.progress_bar",
+        "false",
+    ]
 
 
 def read_rows(out: Path) -> list[dict]:
@@ -377,9 +431,12 @@ def logged(rows: list[dict], key: str, how=max):
 def run_dtrain(ctx: Ctx, name: str, args: list[str], warmup: int, env_extra: dict | None = None) -> dict:
     out = ctx.fresh(name)
     argv = [*args, "--output_dir", str(out)]
-    proc = run_process([sys.executable, str(TRAIN), *argv], out / "log.txt",
-                       subprocess_env(ctx.threads, HF_DATASETS_CACHE=str(ctx.work / "hf_datasets"), **(env_extra or {})),
-                       ctx.plan.timeout)  # fmt: skip
+    proc = run_process(
+        [sys.executable, str(TRAIN), *argv],
+        out / "log.txt",
+        subprocess_env(ctx.threads, HF_DATASETS_CACHE=str(ctx.work / "hf_datasets"), **(env_extra or {})),
+        ctx.plan.timeout,
+    )
     if proc.rc != 0:
         raise CaseError(f"dtrain exited {proc.rc}: {proc.tail()} (log {proc.log})")
     rows = train_rows(out)
@@ -408,8 +465,12 @@ def run_case_process(ctx: Ctx, kind: str, name: str, spec: dict) -> dict:
     out = ctx.fresh(name)
     spec = {**spec, "output_dir": str(out / "trainer")}
     (out / "spec.json").write_text(json.dumps(spec, indent=1))
-    proc = run_process([sys.executable, str(CASES), kind, str(out / "spec.json"), str(out / "result.json")],
-                       out / "log.txt", subprocess_env(ctx.threads), ctx.plan.timeout)  # fmt: skip
+    proc = run_process(
+        [sys.executable, str(CASES), kind, str(out / "spec.json"), str(out / "result.json")],
+        out / "log.txt",
+        subprocess_env(ctx.threads),
+        ctx.plan.timeout,
+    )
     if proc.rc != 0 or not (out / "result.json").is_file():
         raise CaseError(f"{kind} exited {proc.rc}: {proc.tail()} (log {proc.log})")
     result = json.loads((out / "result.json").read_text())
@@ -418,9 +479,20 @@ def run_case_process(ctx: Ctx, kind: str, name: str, spec: dict) -> dict:
 
 
 def loop_spec(ctx: Ctx, model: str, batch: int, warmup: int, measure: int, log_every: int, pad: str) -> dict:
-    return {"model": ctx.model(model), "ordered": ctx.paths["ordered"], "steps": warmup + measure, "warmup": warmup,
-            "batch": batch, "seed": 42, "pad": pad, "max_length": ctx.plan.max_length, "log_every": log_every,
-            "max_grad_norm": 1.0, "optim": OPTIM, "mixed_precision": "bf16" if ctx.gpu else "no"}  # fmt: skip
+    return {
+        "model": ctx.model(model),
+        "ordered": ctx.paths["ordered"],
+        "steps": warmup + measure,
+        "warmup": warmup,
+        "batch": batch,
+        "seed": 42,
+        "pad": pad,
+        "max_length": ctx.plan.max_length,
+        "log_every": log_every,
+        "max_grad_norm": 1.0,
+        "optim": OPTIM,
+        "mixed_precision": "bf16" if ctx.gpu else "no",
+    }
 
 
 def packed_rows(ctx: Ctx, examples: int) -> int:
@@ -466,8 +538,14 @@ class Case:
         return out
 
     def as_json(self) -> dict:
-        return {"label": self.label, "status": self.status, "note": self.note, "error": self.error,
-                "repeats": self.repeats, "summary": self.summary()}  # fmt: skip
+        return {
+            "label": self.label,
+            "status": self.status,
+            "note": self.note,
+            "error": self.error,
+            "repeats": self.repeats,
+            "summary": self.summary(),
+        }
 
 
 def run_alternately(cases: list[Case], repeats: int, say) -> None:
@@ -512,21 +590,37 @@ def _overhead(ctx: Ctx, say) -> dict:
     batch, warmup, measure, log_every, repeats = ctx.plan.overhead
     steps = warmup + measure
     cases = [
-        Case("dtrain", "dtrain (CLI, tiny model)",
-             lambda r: run_dtrain(ctx, "overhead-dtrain", dtrain_args(ctx, "tiny", steps, batch, log_every), warmup)),
-        Case("minimal", "minimal Accelerate loop",
-             lambda r: run_case_process(ctx, "loop", "overhead-minimal", loop_spec(ctx, "tiny", batch, warmup, measure, log_every, "longest"))),
-    ]  # fmt: skip
+        Case(
+            "dtrain",
+            "dtrain (CLI, tiny model)",
+            lambda r: run_dtrain(
+                ctx, "overhead-dtrain", dtrain_args(ctx, "tiny", steps, batch, log_every), warmup
+            ),
+        ),
+        Case(
+            "minimal",
+            "minimal Accelerate loop",
+            lambda r: run_case_process(
+                ctx,
+                "loop",
+                "overhead-minimal",
+                loop_spec(ctx, "tiny", batch, warmup, measure, log_every, "longest"),
+            ),
+        ),
+    ]
     run_alternately(cases, repeats, say)
     judged = ctx.plan.mode != "quick"
     value = ratio(cases[0], cases[1], "step_time_s")
     goals = [
         goal("dtrain step time / minimal loop", value, "<= 1.03", value is not None and value <= 1.03, judged)
     ]
-    return {"title": f"1. Loop overhead (tiny Llama {ctx.prep['models']['tiny']['params'] / 1e3:.0f}k params, "
-                     f"batch {batch}, {measure} measured steps after {warmup}, {repeats} repeats, "
-                     f"OMP_NUM_THREADS={ctx.threads or 'default'})",
-            "cases": cases, "goals": goals}  # fmt: skip
+    return {
+        "title": f"1. Loop overhead (tiny Llama {ctx.prep['models']['tiny']['params'] / 1e3:.0f}k params, "
+        f"batch {batch}, {measure} measured steps after {warmup}, {repeats} repeats, "
+        f"OMP_NUM_THREADS={ctx.threads or 'default'})",
+        "cases": cases,
+        "goals": goals,
+    }
 
 
 # 2. throughput -----------------------------------------------------------------------------
@@ -556,23 +650,41 @@ def section_throughput(ctx: Ctx, say) -> dict:
     cases = [
         Case("dtrain_packing", f"dtrain --data.packing true ({rows} rows/step)", dtrain_case(True)),
         Case("dtrain_dynamic", f"dtrain dynamic padding ({batch} ex/step)", dtrain_case(False)),
-        Case("trainer_dynamic", "Trainer + DataCollatorForSeq2Seq", other("trainer", "tp-trainer-dynamic", collator="pad")),
-        Case("trainer_flatten", "Trainer + DataCollatorWithFlattening", other("trainer", "tp-trainer-flatten", collator="flatten")),
+        Case(
+            "trainer_dynamic",
+            "Trainer + DataCollatorForSeq2Seq",
+            other("trainer", "tp-trainer-dynamic", collator="pad"),
+        ),
+        Case(
+            "trainer_flatten",
+            "Trainer + DataCollatorWithFlattening",
+            other("trainer", "tp-trainer-flatten", collator="flatten"),
+        ),
         Case("loop_pad_max", "loop, pad to max_length", other("loop", "tp-loop-padmax", pad="max_length")),
-    ]  # fmt: skip
+    ]
     run_alternately(cases, repeats, say)
     judged = ctx.plan.mode != "quick"
     by = {c.key: c for c in cases}
     goals = []
     for other_key, target in (("trainer_dynamic", 1.5), ("loop_pad_max", 2.0), ("trainer_flatten", 1.0)):
         value = ratio(by["dtrain_packing"], by[other_key], "tokens_per_sec")
-        goals.append(goal(f"dtrain packing / {by[other_key].label}", value, f">= {target}",
-                          value is not None and value >= target, judged))  # fmt: skip
+        goals.append(
+            goal(
+                f"dtrain packing / {by[other_key].label}",
+                value,
+                f">= {target}",
+                value is not None and value >= target,
+                judged,
+            )
+        )
     m = ctx.prep["models"]["bench"]
-    return {"title": f"2. Throughput, real (non-padding) tokens/s (Llama hidden {m['hidden']}, {m['layers']} layers, "
-                     f"{m['params'] / 1e6:.1f}M params; {batch} examples/step, max_length {ctx.plan.max_length}; "
-                     f"{measure} measured steps after {warmup}, {repeats} repeats)",
-            "cases": cases, "goals": goals}  # fmt: skip
+    return {
+        "title": f"2. Throughput, real (non-padding) tokens/s (Llama hidden {m['hidden']}, {m['layers']} layers, "
+        f"{m['params'] / 1e6:.1f}M params; {batch} examples/step, max_length {ctx.plan.max_length}; "
+        f"{measure} measured steps after {warmup}, {repeats} repeats)",
+        "cases": cases,
+        "goals": goals,
+    }
 
 
 # 3. memory ---------------------------------------------------------------------------------
@@ -598,8 +710,11 @@ def section_optim_state(ctx: Ctx, say) -> dict:
             case.run, case.status, case.note = None, "skipped", f"{needs[name]} not installed"
         cases.append(case)
     run_alternately(cases, 1, say)
-    return {"title": "3(i). Optimizer state, bytes per parameter (first metrics row, hidden-256 model)",
-            "cases": cases, "goals": []}  # fmt: skip
+    return {
+        "title": "3(i). Optimizer state, bytes per parameter (first metrics row, hidden-256 model)",
+        "cases": cases,
+        "goals": [],
+    }
 
 
 def zero_formula(profile: str, n: int) -> float:
@@ -640,11 +755,20 @@ def section_profiles(ctx: Ctx, say) -> dict:
             n = worst["num_params"]
             measured = worst["params"] + worst["grads"] + worst["optim_state"]
             formula = zero_formula(profile, world) * n
-            return {"ranks": ranks, "num_params": n, "params_per_param": worst["params"] / n,
-                    "grads_per_param": worst["grads"] / n, "state_per_param": worst["optim_state"] / n,
-                    "measured_bytes": measured, "formula_bytes": formula, "ratio": measured / formula,
-                    "master_bytes": worst["master"], "buffer_bytes": worst["buffers"],
-                    "peak_rss_mib": max(x["peak_rss_mib"] for x in ranks), "wall_s": proc.seconds}  # fmt: skip
+            return {
+                "ranks": ranks,
+                "num_params": n,
+                "params_per_param": worst["params"] / n,
+                "grads_per_param": worst["grads"] / n,
+                "state_per_param": worst["optim_state"] / n,
+                "measured_bytes": measured,
+                "formula_bytes": formula,
+                "ratio": measured / formula,
+                "master_bytes": worst["master"],
+                "buffer_bytes": worst["buffers"],
+                "peak_rss_mib": max(x["peak_rss_mib"] for x in ranks),
+                "wall_s": proc.seconds,
+            }
 
         case = Case(profile, profile, go)
         if profile.startswith("zero") and not have("deepspeed"):
@@ -658,19 +782,27 @@ def section_profiles(ctx: Ctx, say) -> dict:
             goals.append(
                 goal(f"{c.key}: measured / formula", value, "within 10%", abs(value - 1) <= 0.10, True)
             )
-    notes = ["params, grads, state: bytes per parameter held by the rank with the most; total = their sum "
-             "(gradients: the larger of end of backward and just before the update); formula: ZeRO paper, fp32 Adam (4 + 4 + 8 bytes/param)",
-             "+ master: DeepSpeed's separate fp32 copy of the rank's partition; + buckets: DeepSpeed reduce "
-             "buckets alive at those moments (DDP's own buckets live in C++ and are not counted)"]  # fmt: skip
+    notes = [
+        "params, grads, state: bytes per parameter held by the rank with the most; total = their sum "
+        "(gradients: the larger of end of backward and just before the update); formula: ZeRO paper, fp32 Adam (4 + 4 + 8 bytes/param)",
+        "+ master: DeepSpeed's separate fp32 copy of the rank's partition; + buckets: DeepSpeed reduce "
+        "buckets alive at those moments (DDP's own buckets live in C++ and are not counted)",
+    ]
     for c in cases:
         r = c.repeats[-1] if c.repeats else {}
         if c.key == "zero1" and r and r["grads_per_param"] < 4 * 0.9:
-            notes.append(f"zero1: DeepSpeed reduces stage-1 gradients through its buckets ({r['buffer_bytes'] / 2**20:.0f} "
-                         "MiB here) and keeps only the rank's gradient partition at the update, so it measures "
-                         "like stage 2, below the formula's full 4 bytes/param of gradients")  # fmt: skip
-    return {"notes": notes, "title": f"3(ii). Per-rank parameters + gradients + optimizer state, {world} CPU ranks, fp32 AdamW "
-                     f"(hidden-256 model, {ctx.prep['models']['bench']['params'] / 1e6:.2f}M params)",
-            "cases": cases, "goals": goals}  # fmt: skip
+            notes.append(
+                f"zero1: DeepSpeed reduces stage-1 gradients through its buckets ({r['buffer_bytes'] / 2**20:.0f} "
+                "MiB here) and keeps only the rank's gradient partition at the update, so it measures "
+                "like stage 2, below the formula's full 4 bytes/param of gradients"
+            )
+    return {
+        "notes": notes,
+        "title": f"3(ii). Per-rank parameters + gradients + optimizer state, {world} CPU ranks, fp32 AdamW "
+        f"(hidden-256 model, {ctx.prep['models']['bench']['params'] / 1e6:.2f}M params)",
+        "cases": cases,
+        "goals": goals,
+    }
 
 
 def section_loss_memory(ctx: Ctx, say) -> dict:
@@ -685,13 +817,18 @@ def section_loss_memory(ctx: Ctx, say) -> dict:
 
         return run
 
-    cases = [Case("full_logits", "loss over full logits (default)", go(None)),
-             Case("chunked", f"--train.loss_chunk_size {LOSS_CHUNK_SIZE}", go(LOSS_CHUNK_SIZE))]  # fmt: skip
+    cases = [
+        Case("full_logits", "loss over full logits (default)", go(None)),
+        Case("chunked", f"--train.loss_chunk_size {LOSS_CHUNK_SIZE}", go(LOSS_CHUNK_SIZE)),
+    ]
     run_alternately(cases, 1, say)
     m = ctx.prep["models"]["bigvocab"]
-    return {"title": f"3(iii). Peak memory, {m['vocab_size']:,}-token vocabulary (hidden {m['hidden']}, "
-                     f"{m['params'] / 1e6:.1f}M params), {batch} rows near {ctx.plan.max_length} tokens",
-            "cases": cases, "goals": []}  # fmt: skip
+    return {
+        "title": f"3(iii). Peak memory, {m['vocab_size']:,}-token vocabulary (hidden {m['hidden']}, "
+        f"{m['params'] / 1e6:.1f}M params), {batch} rows near {ctx.plan.max_length} tokens",
+        "cases": cases,
+        "goals": [],
+    }
 
 
 # 4. startup --------------------------------------------------------------------------------
@@ -729,10 +866,25 @@ def section_startup(ctx: Ctx, say) -> dict:
             if "t" not in hit and metrics.is_file() and '"loss"' in metrics.read_text():
                 hit["t"] = elapsed
 
-        args = ["--train.max_steps", "1", "--eval.num_generate", "0", "--eval.num_samples", "0",
-                "--log.progress_bar", "false", "--output_dir", str(out)]  # fmt: skip
-        proc = run_process([sys.executable, str(TRAIN), *args], out / "log.txt",
-                           subprocess_env(ctx.threads, HF_DATASETS_CACHE=str(out / "hf_datasets")), ctx.plan.timeout, watch)  # fmt: skip
+        args = [
+            "--train.max_steps",
+            "1",
+            "--eval.num_generate",
+            "0",
+            "--eval.num_samples",
+            "0",
+            "--log.progress_bar",
+            "false",
+            "--output_dir",
+            str(out),
+        ]
+        proc = run_process(
+            [sys.executable, str(TRAIN), *args],
+            out / "log.txt",
+            subprocess_env(ctx.threads, HF_DATASETS_CACHE=str(out / "hf_datasets")),
+            ctx.plan.timeout,
+            watch,
+        )
         if proc.rc != 0 or "t" not in hit:
             raise CaseError(f"default run exited {proc.rc}: {proc.tail()} (log {proc.log})")
         return {"seconds": hit["t"], "wall_s": proc.seconds, "peak_rss_mib": proc.peak_rss_mib}
@@ -746,22 +898,41 @@ def section_startup(ctx: Ctx, say) -> dict:
             raise CaseError(f"--print_config exited {proc.rc}: {proc.tail()}")
         return {"seconds": proc.seconds, "wall_s": proc.seconds, "peak_rss_mib": proc.peak_rss_mib}
 
-    cases = [Case("first_step", "launch -> first optimizer step (default run, max_steps 1)", first_step),
-             Case("print_config", "python dtrain/train.py --print_config", print_config)]  # fmt: skip
+    cases = [
+        Case("first_step", "launch -> first optimizer step (default run, max_steps 1)", first_step),
+        Case("print_config", "python dtrain/train.py --print_config", print_config),
+    ]
     run_alternately(cases, ctx.plan.startup_repeats, say)
 
     imports = {}
     runs = [("print_config", ["--print_config"])]
     if ctx.plan.train_imports:
-        runs.append(("train", ["--train.max_steps", "1", "--eval.num_generate", "0", "--eval.num_samples", "0",
-                               "--log.progress_bar", "false"]))  # fmt: skip
+        runs.append(
+            (
+                "train",
+                [
+                    "--train.max_steps",
+                    "1",
+                    "--eval.num_generate",
+                    "0",
+                    "--eval.num_samples",
+                    "0",
+                    "--log.progress_bar",
+                    "false",
+                ],
+            )
+        )
     for what, args in runs:
         say(f"  -X importtime {what}")
         out = ctx.fresh(f"imports-{what}")
         if what == "train":
             args = [*args, "--output_dir", str(out)]
-        proc = run_process([sys.executable, "-X", "importtime", str(TRAIN), *args], out / "log.txt",
-                           subprocess_env(ctx.threads, HF_DATASETS_CACHE=str(out / "hf_datasets")), ctx.plan.timeout)  # fmt: skip
+        proc = run_process(
+            [sys.executable, "-X", "importtime", str(TRAIN), *args],
+            out / "log.txt",
+            subprocess_env(ctx.threads, HF_DATASETS_CACHE=str(out / "hf_datasets")),
+            ctx.plan.timeout,
+        )
         imports[what] = (
             parse_importtime(proc.log.read_text(errors="replace")) if proc.rc == 0 else {"error": proc.tail()}
         )
@@ -773,8 +944,13 @@ def section_startup(ctx: Ctx, say) -> dict:
             notes.append(
                 f"the default single-process run imports {mod} ({hit['seconds']:.2f} s, {how}) without using it"
             )
-    return {"title": f"4. Start-up ({ctx.plan.startup_repeats} repeats)", "cases": cases, "goals": [],
-            "imports": imports, "notes": notes}  # fmt: skip
+    return {
+        "title": f"4. Start-up ({ctx.plan.startup_repeats} repeats)",
+        "cases": cases,
+        "goals": [],
+        "imports": imports,
+        "notes": notes,
+    }
 
 
 # GPU ---------------------------------------------------------------------------------------
@@ -810,14 +986,17 @@ def section_gpu(ctx: Ctx, say) -> dict:
         return with_mfu(run_dtrain(ctx, "gpu-dtrain", args, warmup))
 
     def trainer_run(r):
-        spec = {**loop_spec(ctx, "gpu1b", examples, warmup, measure, log_every, "longest"), "collator": "flatten",
-                "attn_implementation": attn}  # fmt: skip
+        spec = {
+            **loop_spec(ctx, "gpu1b", examples, warmup, measure, log_every, "longest"),
+            "collator": "flatten",
+            "attn_implementation": attn,
+        }
         return with_mfu(run_case_process(ctx, "trainer", "gpu-trainer", spec))
 
     cases = [
         Case("dtrain", f"dtrain (packing {rows} rows, {attn}, compile)", dtrain_run),
         Case("trainer", f"Trainer + DataCollatorWithFlattening ({examples} ex, {attn})", trainer_run),
-    ]  # fmt: skip
+    ]
     run_alternately(cases, 1, say)
 
     def check_run(precision: str):
@@ -837,18 +1016,27 @@ def section_gpu(ctx: Ctx, say) -> dict:
 
         return go
 
-    checks = [Case("bf16_8bit", "dtrain bf16, adamw_8bit", check_run("bf16")),
-              Case("fp16_8bit", "dtrain fp16, adamw_8bit", check_run("fp16"))]  # fmt: skip
+    checks = [
+        Case("bf16_8bit", "dtrain bf16, adamw_8bit", check_run("bf16")),
+        Case("fp16_8bit", "dtrain fp16, adamw_8bit", check_run("fp16")),
+    ]
     run_alternately(checks, 1, say)
     d = cases[0].summary()
     mfu = d.get("mfu_logged") or d.get("mfu")
     tp = ratio(cases[0], cases[1], "tokens_per_sec")
-    goals = [goal("dtrain MFU", mfu, ">= 45%", mfu is not None and mfu >= 0.45, True),
-             goal("dtrain / Trainer tokens/s", tp, ">= 1.3", tp is not None and tp >= 1.3, True)]  # fmt: skip
-    return {"title": f"GPU: {m['params'] / 1e9:.2f}B-param Llama, bf16, max_length {ctx.plan.max_length}, "
-                     f"~{g['tokens_per_step']} tokens/step, {measure} measured steps after {warmup} ({ctx.prep['device']}, "
-                     f"peak {peak / 1e12 if peak else 0:.0f} TFLOP/s)",
-            "cases": cases, "checks": checks, "goals": goals, "flops_per_token": flops_per_token}  # fmt: skip
+    goals = [
+        goal("dtrain MFU", mfu, ">= 45%", mfu is not None and mfu >= 0.45, True),
+        goal("dtrain / Trainer tokens/s", tp, ">= 1.3", tp is not None and tp >= 1.3, True),
+    ]
+    return {
+        "title": f"GPU: {m['params'] / 1e9:.2f}B-param Llama, bf16, max_length {ctx.plan.max_length}, "
+        f"~{g['tokens_per_step']} tokens/step, {measure} measured steps after {warmup} ({ctx.prep['device']}, "
+        f"peak {peak / 1e12 if peak else 0:.0f} TFLOP/s)",
+        "cases": cases,
+        "checks": checks,
+        "goals": goals,
+        "flops_per_token": flops_per_token,
+    }
 
 
 import data_bench  # noqa: E402  (section 5, bench/data_bench.py: it reads this module's Case, run_process, ...)
@@ -897,9 +1085,15 @@ def print_section(console, sec: dict) -> None:
             t.add_column(col, justify="left" if col in ("case", "note") else "right")
         for c in cases:
             s = c.summary()
-            row = [c.label, fmt(s.get("tokens_per_sec")), fmt(s.get("tokens_per_sec_spread"), ".0%"),
-                   fmt(s.get("step_time_s"), ".4f"), fmt(s.get("tokens_per_step")), fmt(s.get("padding_fraction"), ".0%"),
-                   fmt(s.get("peak_rss_mib"))]  # fmt: skip
+            row = [
+                c.label,
+                fmt(s.get("tokens_per_sec")),
+                fmt(s.get("tokens_per_sec_spread"), ".0%"),
+                fmt(s.get("step_time_s"), ".4f"),
+                fmt(s.get("tokens_per_step")),
+                fmt(s.get("padding_fraction"), ".0%"),
+                fmt(s.get("peak_rss_mib")),
+            ]
             if kind == "section_throughput":
                 r = ratio(c, base, "tokens_per_sec") if base else None
                 row.insert(3, fmt(r, ".2f", "x"))
@@ -922,18 +1116,37 @@ def print_section(console, sec: dict) -> None:
                 status_text(c),
             )
     elif kind == "section_profiles":
-        cols = ["profile", "params B/p", "grads B/p", "state B/p", "total MiB/rank", "formula MiB", "measured/formula",
-                "+ master MiB", "+ buckets MiB", "peak RSS MiB", "note"]  # fmt: skip
+        cols = [
+            "profile",
+            "params B/p",
+            "grads B/p",
+            "state B/p",
+            "total MiB/rank",
+            "formula MiB",
+            "measured/formula",
+            "+ master MiB",
+            "+ buckets MiB",
+            "peak RSS MiB",
+            "note",
+        ]
         for col in cols:
             t.add_column(col, justify="left" if col in ("profile", "note") else "right")
         for c in cases:
             r = c.repeats[-1] if c.repeats else {}
             mib = 2**20
-            t.add_row(c.label, fmt(r.get("params_per_param"), ".2f"), fmt(r.get("grads_per_param"), ".2f"),
-                      fmt(r.get("state_per_param"), ".2f"), fmt(r.get("measured_bytes", 0) / mib if r else None, ".1f"),
-                      fmt(r.get("formula_bytes", 0) / mib if r else None, ".1f"), fmt(r.get("ratio"), ".3f"),
-                      fmt(r.get("master_bytes", 0) / mib if r else None, ".1f"),
-                      fmt(r.get("buffer_bytes", 0) / mib if r else None, ".1f"), fmt(r.get("peak_rss_mib")), status_text(c))  # fmt: skip
+            t.add_row(
+                c.label,
+                fmt(r.get("params_per_param"), ".2f"),
+                fmt(r.get("grads_per_param"), ".2f"),
+                fmt(r.get("state_per_param"), ".2f"),
+                fmt(r.get("measured_bytes", 0) / mib if r else None, ".1f"),
+                fmt(r.get("formula_bytes", 0) / mib if r else None, ".1f"),
+                fmt(r.get("ratio"), ".3f"),
+                fmt(r.get("master_bytes", 0) / mib if r else None, ".1f"),
+                fmt(r.get("buffer_bytes", 0) / mib if r else None, ".1f"),
+                fmt(r.get("peak_rss_mib")),
+                status_text(c),
+            )
     elif kind == "section_loss_memory":
         for col in ("case", "peak RSS MiB", "peak_memory_mib (logged)", "real tokens/s", "note"):
             t.add_column(col, justify="left" if col in ("case", "note") else "right")
@@ -967,8 +1180,14 @@ def print_section(console, sec: dict) -> None:
             c.add_column(col)
         for case in sec["checks"]:
             r = case.repeats[-1] if case.repeats else {}
-            c.add_row(case.label, fmt(r.get("loss_first"), ".3f"), fmt(r.get("loss_last"), ".3f"),
-                      str(r.get("finite", "-")), str(r.get("falling", "-")), status_text(case))  # fmt: skip
+            c.add_row(
+                case.label,
+                fmt(r.get("loss_first"), ".3f"),
+                fmt(r.get("loss_last"), ".3f"),
+                str(r.get("finite", "-")),
+                str(r.get("falling", "-")),
+                status_text(case),
+            )
         console.print(c)
     if kind == "section_startup":
         imp = Table(
@@ -1034,14 +1253,31 @@ def prepare(ctx_work: Path, plan: Plan, threads: int) -> dict:
     order runs on into further epochs when that is more than the data) and the models, in a subprocess."""
     batch, warmup, measure = plan.throughput[:3]
     positions = max((warmup + measure) * batch, (plan.overhead[1] + plan.overhead[2]) * plan.overhead[0])
-    spec = {"work": str(ctx_work), "max_length": plan.max_length, "seed": 0, "train_seed": 42,
-            "train_examples": plan.train_examples, "positions": positions, "max_positions": 2 * plan.max_length,
-            "models": plan.models}  # fmt: skip
+    spec = {
+        "work": str(ctx_work),
+        "max_length": plan.max_length,
+        "seed": 0,
+        "train_seed": 42,
+        "train_examples": plan.train_examples,
+        "positions": positions,
+        "max_positions": 2 * plan.max_length,
+        "models": plan.models,
+    }
     if plan.gpu:  # examples per step = tokens_per_step / mean length, known once the data is tokenized
         spec["token_steps"] = [plan.gpu["tokens_per_step"], plan.gpu["warmup"] + plan.gpu["measure"]]
     (ctx_work / "prepare.json").write_text(json.dumps(spec, indent=1))
-    proc = run_process([sys.executable, str(CASES), "prepare", str(ctx_work / "prepare.json"), str(ctx_work / "prepared.json")],
-                       ctx_work / "prepare.log", subprocess_env(threads), 1200)  # fmt: skip
+    proc = run_process(
+        [
+            sys.executable,
+            str(CASES),
+            "prepare",
+            str(ctx_work / "prepare.json"),
+            str(ctx_work / "prepared.json"),
+        ],
+        ctx_work / "prepare.log",
+        subprocess_env(threads),
+        1200,
+    )
     if proc.rc != 0:
         raise SystemExit(f"bench: preparing data and models failed: {proc.tail()} (log {proc.log})")
     return json.loads((ctx_work / "prepared.json").read_text())
@@ -1090,16 +1326,20 @@ def main(argv: list[str] | None = None) -> int:
 
     load_start = os.getloadavg()[0]
     if load_start > 0.5 and plan.mode != "gpu":
-        say(f"[yellow]warning: load average {load_start:.2f} before starting: other processes are using the CPU; "
-            "timings will be noisy (each case is still compared with the others of its repeat)[/yellow]")  # fmt: skip
+        say(
+            f"[yellow]warning: load average {load_start:.2f} before starting: other processes are using the CPU; "
+            "timings will be noisy (each case is still compared with the others of its repeat)[/yellow]"
+        )
     say(f"bench {plan.mode}: work dir {work}")
     say("preparing data and models")
     prep = prepare(work, plan, threads)
     if plan.mode == "gpu" and prep["device"] == "cpu":
         raise SystemExit("bench: --gpu needs a CUDA GPU; none is visible")
     lengths = prep["lengths"]
-    say(f"data: {lengths['examples']} examples, tokens mean {lengths['mean']:.1f}, p50 {lengths['p50']}, "
-        f"p90 {lengths['p90']}, p99 {lengths['p99']}, max {lengths['max']} ({prep['truncated']} truncated)")  # fmt: skip
+    say(
+        f"data: {lengths['examples']} examples, tokens mean {lengths['mean']:.1f}, p50 {lengths['p50']}, "
+        f"p90 {lengths['p90']}, p99 {lengths['p99']}, max {lengths['max']} ({prep['truncated']} truncated)"
+    )
     ctx = Ctx(plan, work, prep, threads, args.overhead_threads or 1, args.keep)
     results = []
     for name in sections:
@@ -1131,7 +1371,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": threads,
             "python": platform.python_version(),
             **{pkg: _version(pkg) for pkg in ("torch", "transformers", "accelerate", "deepspeed")},
-        },  # fmt: skip
+        },
         "data": {"lengths": lengths, "truncated": prep["truncated"], "max_length": plan.max_length},
         "models": prep["models"],
         "plan": dataclasses.asdict(plan),

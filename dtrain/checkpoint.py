@@ -128,11 +128,24 @@ def verify(path: Path) -> str | None:
 
 # Settings that do not change the training trajectory. Everything else does (model, data, seed,
 # optimizer, schedule, precision, clipping) and stops a resume unless --checkpoint.allow_config_change.
-HARMLESS = ("log.", "eval.", "checkpoint.", "output_dir", "overwrite_output_dir", "data.num_workers",
-            "data.prepared", "data.num_proc", "data.prepare_timeout_s",
-            "model.gradient_checkpointing", "model.attn_implementation", "train.compile",
-            "train.loss_chunk_size", "train.nonfinite", "train.max_nonfinite_steps",
-            "train.collective_timeout_s")  # fmt: skip
+HARMLESS = (
+    "log.",
+    "eval.",
+    "checkpoint.",
+    "output_dir",
+    "overwrite_output_dir",
+    "data.num_workers",
+    "data.prepared",
+    "data.num_proc",
+    "data.prepare_timeout_s",
+    "model.gradient_checkpointing",
+    "model.attn_implementation",
+    "train.compile",
+    "train.loss_chunk_size",
+    "train.nonfinite",
+    "train.max_nonfinite_steps",
+    "train.collective_timeout_s",
+)
 # The batch is compared as one number: 2 processes x 4 and 1 process x 8 are the same training.
 BATCH_KEYS = ("train.per_device_batch_size", "train.gradient_accumulation_steps")
 
@@ -483,8 +496,12 @@ class Checkpointer:
     def _write(self, tmp: Path) -> None:
         acc = self.acc
         if self.deepspeed:
-            self.model.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, save_latest=False,
-                                       exclude_frozen_parameters=self.adapters_only)  # fmt: skip
+            self.model.save_checkpoint(
+                str(tmp / "deepspeed"),
+                tag=DS_TAG,
+                save_latest=False,
+                exclude_frozen_parameters=self.adapters_only,
+            )
         else:
             import torch.distributed.checkpoint as dcp
 
@@ -524,8 +541,11 @@ class Checkpointer:
             # second name) and the base's buffers (QLoRA's quantisation state), which come from the base's files
             from dtrain.modeling import clean_name
 
-            trains = {clean_name(n) for n, p in self.model.named_parameters(remove_duplicate=False)
-                      if p.requires_grad}  # fmt: skip
+            trains = {
+                clean_name(n)
+                for n, p in self.model.named_parameters(remove_duplicate=False)
+                if p.requires_grad
+            }
             model_sd = {k: v for k, v in model_sd.items() if k in trains}
         return {"model": model_sd, "optim": optim_sd}
 

@@ -682,7 +682,9 @@ def _check_sources(d: DataConfig, p: list[str]) -> None:
                     "directory of them, a saved dataset dir or a hub dataset name"
                 )
         if d.sources and s.chat_template and not Path(s.chat_template).expanduser().is_file():
-            p.append(f"{where}.chat_template: file '{s.chat_template}' does not exist; give a Jinja chat template file")
+            p.append(
+                f"{where}.chat_template: file '{s.chat_template}' does not exist; give a Jinja chat template file"
+            )
     if d.prepared is not None:
         prepared = Path(d.prepared).expanduser()
         if not prepared.is_dir():

@@ -54,9 +54,7 @@ def generate_answers(
     mine, real = rank_shard(items, rank, world)
     unwrapped = accelerator.unwrap_model(model)
     pad = tokenizer.pad_token_id
-    counts = torch.zeros(
-        2 * len(tasks), dtype=torch.float64, device=accelerator.device
-    )  # correct, total per task
+    counts = torch.zeros(2 * len(tasks), dtype=torch.float64, device=accelerator.device)  # correct, total
     predictions = []
     for start in range(0, len(mine), batch_size):
         chunk = mine[start : start + batch_size]

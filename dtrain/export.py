@@ -111,8 +111,10 @@ def exported_model(ckpt: Path, adapter_only: bool):
         and yaml.safe_load((ckpt / "config.yaml").read_text()).get("peft", {}).get("method", "none") == "none"
     ):
         if adapter_only:
-            raise UserError(f"--adapter-only: checkpoint {ckpt} trained every weight (no --peft.method); "
-                            "export it without --adapter-only")  # fmt: skip
+            raise UserError(
+                f"--adapter-only: checkpoint {ckpt} trained every weight (no --peft.method); "
+                "export it without --adapter-only"
+            )
         return build_model(ckpt, full_state_dict(ckpt))
     from dtrain.peft import load_adapted
 

@@ -150,8 +150,10 @@ def preflight(
         problems += deepspeed_conflicts(profile, cfg, gpus * nodes)
     refusal = qlora_refusal(profile.kind) if cfg.peft.method == "qlora" else None
     if refusal:
-        problems.append(f"--peft.method qlora cannot run under {profile.name}: {refusal}; use the ddp or "
-                        "single_gpu profile")  # fmt: skip
+        problems.append(
+            f"--peft.method qlora cannot run under {profile.name}: {refusal}; use the ddp or "
+            "single_gpu profile"
+        )
     if cfg.peft.method != "none" and importlib.util.find_spec("peft") is None:
         problems.append(f"--peft.method {cfg.peft.method} needs the peft library: pip install 'dtrain[peft]'")
     needs = {"deepspeed": ("deepspeed", "deepspeed")}.get(profile.kind)

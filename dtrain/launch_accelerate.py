@@ -65,10 +65,13 @@ def root_failure(exc) -> tuple:
     lost = [f.timestamp for _, f in failures if f.exitcode == RANK_LOST_EXIT_CODE]
     tiers = (
         [(r, f) for r, f in failures if f.exitcode > 0 and f.exitcode != RANK_LOST_EXIT_CODE],
-        [(r, f) for r, f in failures if f.exitcode < 0 and f.exitcode != -signal.SIGTERM
-         and (not lost or f.timestamp <= min(lost))],
+        [
+            (r, f)
+            for r, f in failures
+            if f.exitcode < 0 and f.exitcode != -signal.SIGTERM and (not lost or f.timestamp <= min(lost))
+        ],
         [(r, f) for r, f in failures if f.exitcode == RANK_LOST_EXIT_CODE],
-    )  # fmt: skip
+    )
     for tier in tiers:
         if tier:
             return min(tier, key=lambda item: item[1].timestamp)

@@ -37,8 +37,11 @@ class StepStats:
     def pop(self, accelerator) -> dict:
         """Gather every rank's sums and peak memory and copy them to the host (the one sync per log
         interval), then reset. Returns the sums over ranks and `peak_memory` (bytes, one per rank)."""
-        host = torch.tensor([float(self.positions), float(peak_memory_bytes(self.sums.device))],
-                            dtype=torch.float64, device=self.sums.device)  # fmt: skip
+        host = torch.tensor(
+            [float(self.positions), float(peak_memory_bytes(self.sums.device))],
+            dtype=torch.float64,
+            device=self.sums.device,
+        )
         per_rank = accelerator.gather(torch.cat([self.sums, host])).view(accelerator.num_processes, -1)
         totals = per_rank[:, :-1].sum(0).tolist()
         peaks = per_rank[:, -1].tolist()
@@ -114,8 +117,11 @@ class MetricsLogger:
         keeps the rows recording the fault (`nonfinite`): the window is stepped over, so never logged again."""
         if not self.main or not self.path.exists():
             return
-        rows = [line for line in self.path.read_text().splitlines()
-                if _step_of(line) <= step or (keep_faults and '"nonfinite": true' in line)]  # fmt: skip
+        rows = [
+            line
+            for line in self.path.read_text().splitlines()
+            if _step_of(line) <= step or (keep_faults and '"nonfinite": true' in line)
+        ]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(r + "\n" for r in rows))
         tmp.replace(self.path)

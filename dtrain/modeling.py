@@ -182,8 +182,11 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
     """Parameters of the whole model (or those that train), counted right under every profile: ZeRO-3
     partitions report 0 local elements but carry the full count as `ds_numel`; FSDP2 DTensor shards report
     their global size; meta tensors have a shape. Tied weights (one tensor under two names) count once."""
-    return sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters()
-               if p.requires_grad or not trainable_only)  # fmt: skip
+    return sum(
+        getattr(p, "ds_numel", None) or p.numel()
+        for p in model.parameters()
+        if p.requires_grad or not trainable_only
+    )
 
 
 _WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "module.")

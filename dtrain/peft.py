@@ -38,19 +38,27 @@ def quantization_config(precision: str | None):
     from transformers import BitsAndBytesConfig
 
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision or "no", torch.float32)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)  # fmt: skip
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
 
 
 def qlora_refusal(kind: str) -> str | None:
     """Why QLoRA cannot run under a sharding profile with the installed libraries (kind: single, ddp, fsdp,
     deepspeed), else None. Used by `dtrain launch`'s pre-flight and again in the ranks."""
     if kind == "fsdp":
-        return ("Accelerate's FSDP2 leaves bitsandbytes' packed uint8 4-bit weights unsharded (every rank would "
-                "hold the whole base) and mixes them with sharded tensors")  # fmt: skip
+        return (
+            "Accelerate's FSDP2 leaves bitsandbytes' packed uint8 4-bit weights unsharded (every rank would "
+            "hold the whole base) and mixes them with sharded tensors"
+        )
     if kind == "deepspeed":
-        return ("DeepSpeed cannot partition bitsandbytes 4-bit weights (ZeRO-3's init, DeepSpeed issue 5660), and "
-                "ZeRO-1/2 would shard only the adapters' small optimizer state")  # fmt: skip
+        return (
+            "DeepSpeed cannot partition bitsandbytes 4-bit weights (ZeRO-3's init, DeepSpeed issue 5660), and "
+            "ZeRO-1/2 would shard only the adapters' small optimizer state"
+        )
     return None
 
 
@@ -68,9 +76,14 @@ def check_qlora_support() -> None:
 def lora_config(cfg: PeftConfig):
     from peft import LoraConfig
 
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=cfg.target_modules or "all-linear", modules_to_save=cfg.modules_to_save,
-                      task_type="CAUSAL_LM")  # fmt: skip
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules or "all-linear",
+        modules_to_save=cfg.modules_to_save,
+        task_type="CAUSAL_LM",
+    )
 
 
 def load_options(cfg: Config, accelerator) -> dict:
@@ -115,10 +128,17 @@ def summary(model, cfg: Config) -> dict | None:
         return None
     trainable, total = model.get_nb_trainable_parameters()
     targets = sorted({name.rsplit(".", 1)[-1] for name in model.targeted_module_names})
-    return {"method": cfg.peft.method, "r": cfg.peft.r, "alpha": cfg.peft.alpha, "target_modules": targets,
-            "modules_to_save": cfg.peft.modules_to_save, "trainable_parameters": trainable,
-            "total_parameters": total, "trainable_fraction": trainable / total,
-            "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False))}  # fmt: skip
+    return {
+        "method": cfg.peft.method,
+        "r": cfg.peft.r,
+        "alpha": cfg.peft.alpha,
+        "target_modules": targets,
+        "modules_to_save": cfg.peft.modules_to_save,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_fraction": trainable / total,
+        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+    }
 
 
 def describe(info: dict) -> str:
@@ -182,12 +202,15 @@ def load_adapted(ckpt: Path, state_dict: dict, saved_base: dict | None):
 
         try:
             with _one_process_load():
-                base = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype="auto",
-                                                            trust_remote_code=cfg.model.trust_remote_code)  # fmt: skip
+                base = AutoModelForCausalLM.from_pretrained(
+                    cfg.model.name_or_path, dtype="auto", trust_remote_code=cfg.model.trust_remote_code
+                )
         except Exception as exc:
             reason = " ".join(str(exc).split())[:200]
-            raise CheckpointError(f"checkpoint {ckpt} holds adapters only; its base '{cfg.model.name_or_path}' "
-                                  f"could not be loaded ({reason})") from None  # fmt: skip
+            raise CheckpointError(
+                f"checkpoint {ckpt} holds adapters only; its base '{cfg.model.name_or_path}' "
+                f"could not be loaded ({reason})"
+            ) from None
     now = base_reference(cfg, base)
     if saved_base and now["fingerprint"] != saved_base["fingerprint"]:
         raise CheckpointError(

@@ -174,9 +174,8 @@ def enable_fsdp_on_cpu(accelerator) -> bool:
             f"this is {accelerate.__version__}",
             file=sys.stderr,
         )
-    plugin = (
-        FullyShardedDataParallelPlugin()
-    )  # no arguments: reads the FSDP_* variables `accelerate launch` set
+    # no arguments: reads the FSDP_* variables `accelerate launch` set
+    plugin = FullyShardedDataParallelPlugin()
     if state.mixed_precision != "no":  # what AcceleratorState does for FSDP on GPUs
         plugin.set_mixed_precision(state.mixed_precision)
     from torch.distributed.fsdp import CPUOffloadPolicy

@@ -156,9 +156,17 @@ class Run:
     def train_batches(self):
         """This rank's micro-batches from the current data position on."""
         t, acc = self.cfg.train, self.accelerator
-        loader = train_loader(self.data.train, self.data.order, t.per_device_batch_size, acc.process_index,
-                              acc.num_processes, self.state.samples_seen, self.batcher, self.cfg.data.num_workers,
-                              pin=acc.device.type == "cuda")  # fmt: skip
+        loader = train_loader(
+            self.data.train,
+            self.data.order,
+            t.per_device_batch_size,
+            acc.process_index,
+            acc.num_processes,
+            self.state.samples_seen,
+            self.batcher,
+            self.cfg.data.num_workers,
+            pin=acc.device.type == "cuda",
+        )
         return iter(loader)
 
 
@@ -179,9 +187,16 @@ def setup(cfg: Config, argv: list[str]) -> Run:
     if data.chat_template:  # saved with the tokenizer in every checkpoint and the final model
         tokenizer.chat_template = data.chat_template
     with data.discarded_on_error(accelerator):  # a start that fails leaves no new data cache behind
-        set_seed(cfg.train.seed)  # the embedded model's weights depend on the seed alone (export rebuilds a base)
-        model = build_model(cfg.model, tokenizer, cfg.data, cfg.eval, data.stats["longest_example"],
-                            **load_options(cfg, accelerator))  # fmt: skip
+        # the embedded model's weights depend on the seed alone (export rebuilds a base)
+        set_seed(cfg.train.seed)
+        model = build_model(
+            cfg.model,
+            tokenizer,
+            cfg.data,
+            cfg.eval,
+            data.stats["longest_example"],
+            **load_options(cfg, accelerator),
+        )
         base = base_reference(cfg, model)  # --peft.method lora|qlora: the frozen base the adapters belong to
         model = add_adapters(model, cfg)
         identity = {**model_identity(model), **({"base": base} if base else {})}
@@ -213,14 +228,32 @@ def setup(cfg: Config, argv: list[str]) -> Run:
     collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if device_type == "cuda" else 1)  # eval
     batcher = train_collator(cfg.data, tokenizer.pad_token_id, device_type, attention)
     check_fast_paths(cfg, model, data, batcher, len(tokenizer), attention, accelerator.device)
-    run = Run(cfg, accelerator, tokenizer, data, model, optimizer, scheduler, state, checkpointer, logger,
-              collator, batcher, max_steps, num_params, trained_params, stop=StopRequest(accelerator, cfg.train.collective_timeout_s),
-              guard=NonfiniteGuard(accelerator),
-              stats=StepStats(accelerator.device))  # fmt: skip
+    run = Run(
+        cfg,
+        accelerator,
+        tokenizer,
+        data,
+        model,
+        optimizer,
+        scheduler,
+        state,
+        checkpointer,
+        logger,
+        collator,
+        batcher,
+        max_steps,
+        num_params,
+        trained_params,
+        stop=StopRequest(accelerator, cfg.train.collective_timeout_s),
+        guard=NonfiniteGuard(accelerator),
+        stats=StepStats(accelerator.device),
+    )
     if plan.path is not None:
         finished = state.step >= max_steps or state.early_stopped
         if finished and (out / "final" / "config.json").is_file():
-            accelerator.print(f"dtrain: run in {out} is already complete at step {state.step}; final model in {out / 'final'}")  # fmt: skip
+            accelerator.print(
+                f"dtrain: run in {out} is already complete at step {state.step}; final model in {out / 'final'}"
+            )
             run.already_complete = True
             return run
         accelerator.print(f"dtrain: resuming from {plan.path} at step {state.step}")
@@ -391,10 +424,19 @@ def on_nonfinite(run: Run) -> None:
     state.nonfinite_steps += 1
     state.nonfinite_in_a_row += 1
     where = describe_window(run)
-    run.logger.log({"step": state.step + 1, "nonfinite": True, **where, "nonfinite_steps": state.nonfinite_steps,
-                    "action": t.nonfinite})  # fmt: skip
-    at = f"non-finite loss or gradient norm at step {state.step + 1} (data position {where['samples_seen']}, " \
-         f"examples {where['examples']})"  # fmt: skip
+    run.logger.log(
+        {
+            "step": state.step + 1,
+            "nonfinite": True,
+            **where,
+            "nonfinite_steps": state.nonfinite_steps,
+            "action": t.nonfinite,
+        }
+    )
+    at = (
+        f"non-finite loss or gradient norm at step {state.step + 1} (data position {where['samples_seen']}, "
+        f"examples {where['examples']})"
+    )
     if t.nonfinite == "halt":
         halt(run, f"{at}; halted (--train.nonfinite halt)")
     if t.nonfinite == "rollback":
@@ -403,8 +445,11 @@ def on_nonfinite(run: Run) -> None:
         run.rollback_from = state.samples_seen
         return
     if state.nonfinite_in_a_row >= t.max_nonfinite_steps:
-        halt(run, f"{at}; halted after {state.nonfinite_in_a_row} non-finite steps in a row "
-                  "(--train.max_nonfinite_steps)")  # fmt: skip
+        halt(
+            run,
+            f"{at}; halted after {state.nonfinite_in_a_row} non-finite steps in a row "
+            "(--train.max_nonfinite_steps)",
+        )
     run.logger.write(f"dtrain: {at}: update skipped on every rank ({state.nonfinite_steps} so far)")
 
 
@@ -420,9 +465,15 @@ def halt(run: Run, message: str) -> None:
     point. (All ranks call this alike, so the stop round in flight is finished by all.)"""
     run.stop.close()
     last = complete_checkpoints(run.checkpointer.root)
-    resume = f"the newest checkpoint {last[-1].name} is the resume point" if last else "no checkpoint was saved"
-    end_early(run, "nonfinite", f"dtrain: {message}; {resume} (exit code {NONFINITE_EXIT_CODE})",
-              checkpoint=str(last[-1]) if last else None)  # fmt: skip
+    resume = (
+        f"the newest checkpoint {last[-1].name} is the resume point" if last else "no checkpoint was saved"
+    )
+    end_early(
+        run,
+        "nonfinite",
+        f"dtrain: {message}; {resume} (exit code {NONFINITE_EXIT_CODE})",
+        checkpoint=str(last[-1]) if last else None,
+    )
     raise RunHalted(NONFINITE_EXIT_CODE)
 
 
@@ -457,8 +508,10 @@ def roll_back(run: Run) -> None:
     run.stats.reset()
     run.logger.rewind(state.step)
     run.batches = None  # the data stream restarts at the checkpoint's position
-    run.logger.write(f"dtrain: rolled back to {last[-1].name} (rollback {state.rollbacks}); the window at "
-                     f"data position {bad} will be stepped over")  # fmt: skip
+    run.logger.write(
+        f"dtrain: rolled back to {last[-1].name} (rollback {state.rollbacks}); the window at "
+        f"data position {bad} will be stepped over"
+    )
 
 
 def log_train(run: Run, grad_norm) -> None:
@@ -477,7 +530,12 @@ def log_train(run: Run, grad_norm) -> None:
         row["nonfinite_steps"] = state.nonfinite_steps
     if len(run.data.names) > 1:  # the realised token share of each source so far (host counters)
         total = max(1, sum(state.source_tokens))
-        row.update({f"share/{n}": round(t / total, 4) for n, t in zip(run.data.names, state.source_tokens, strict=True)})  # fmt: skip
+        row.update(
+            {
+                f"share/{n}": round(t / total, 4)
+                for n, t in zip(run.data.names, state.source_tokens, strict=True)
+            }
+        )
     if not run.state_reported:  # the optimizer state exists after one step
         row.update(optimizer_state_row(acc, run.optimizer, run.trained_params))  # per parameter it updates
         run.state_reported = True
@@ -511,8 +569,13 @@ def finish(run: Run) -> None:
     last = run.checkpointer.save()  # a no-op when this step is already committed (early stop, resumed end)
     export_final(acc, last, out / "final")
     if acc.is_main_process:
-        record_end(out, "early_stopped" if state.early_stopped else "finished", state.step, checkpoint=str(last),
-                   **source_shares(run))  # fmt: skip
+        record_end(
+            out,
+            "early_stopped" if state.early_stopped else "finished",
+            state.step,
+            checkpoint=str(last),
+            **source_shares(run),
+        )
     run.logger.close()
     report_samples(acc, out, run.predictions, run.cfg.eval.num_samples)
     if acc.is_main_process and run.predictions and run.cfg.eval.num_samples:
@@ -530,16 +593,20 @@ def stop_on_request(run: Run, signal_name: str) -> int:
     """After the agreed stop's checkpoint: say why in run_info.json and the log, exit with STOP_EXIT_CODE."""
     run.stop.close()
     last = run.checkpointer.save()  # already committed in the loop: returns its path
-    end_early(run, "stop_request", f"dtrain: stopped by {signal_name} at step {run.state.step}; checkpoint "
-              f"{last.name} saved; rerun the same command to resume (exit code {STOP_EXIT_CODE})",
-              signal=signal_name, checkpoint=str(last))  # fmt: skip
+    end_early(
+        run,
+        "stop_request",
+        f"dtrain: stopped by {signal_name} at step {run.state.step}; checkpoint "
+        f"{last.name} saved; rerun the same command to resume (exit code {STOP_EXIT_CODE})",
+        signal=signal_name,
+        checkpoint=str(last),
+    )
     return STOP_EXIT_CODE
 
 
 def _to(value, device):
-    return (
-        value.to(device, non_blocking=True) if torch.is_tensor(value) else value
-    )  # flash's max_length_q: an int
+    # not every collated value is a tensor: flash attention's max_length_q is an int
+    return value.to(device, non_blocking=True) if torch.is_tensor(value) else value
 
 
 def _to_float(x) -> float | None:

@@ -63,9 +63,24 @@ def run_accelerate(
 ) -> subprocess.CompletedProcess:
     """A real multi-process launch. cpu=True: gloo ranks, the way PLATFORM.md says works here;
     cpu=False: the same launch without ACCELERATE_USE_CPU (on this machine, a mistake)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(TRAIN), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(TRAIN),
+        *args,
+    ]
     env = env_for_subprocess(ACCELERATE_USE_CPU="1") if cpu else env_for_subprocess()
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -115,8 +130,9 @@ def kill_after_checkpoints(args: list[str], out: Path, checkpoints: int = 2) -> 
     import time
 
     cmd = [sys.executable, str(TRAIN), *args, "--output_dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env_for_subprocess())  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env_for_subprocess()
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if len(list((out / "checkpoints").glob("step-*/dtrain_checkpoint.json"))) >= checkpoints:
@@ -229,23 +245,55 @@ def tiny_config(family: str, tokenizer, vocab_size: int | None = None, max_posit
         "pad_token_id": tokenizer.pad_token_id,
     }
     if family == "llama":  # untied head, grouped-query attention
-        return transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1,
-                                        max_position_embeddings=max_positions, tie_word_embeddings=False, **ids)  # fmt: skip
+        return transformers.LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=False,
+            **ids,
+        )
     if family == "qwen2":  # tied head, attention biases
-        return transformers.Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1,
-                                        max_position_embeddings=max_positions, tie_word_embeddings=True, **ids)  # fmt: skip
+        return transformers.Qwen2Config(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=True,
+            **ids,
+        )
     if family == "gpt2":
         # tied head, learned absolute positions (a hard limit: n_positions). Dropout off: GPT-2's default 0.1
         # draws other masks on 2 ranks than on 1 process, so profiles could not be compared
-        return transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=max_positions,
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
-                                       **ids)  # fmt: skip
+        return transformers.GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=max_positions,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=True,
+            **ids,
+        )
     if family == "gpt_neox":  # decoder layer class GPTNeoXLayer, untied head, partial rotary
-        return transformers.GPTNeoXConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=2, max_position_embeddings=max_positions,
-                                          tie_word_embeddings=False, **ids)  # fmt: skip
+        return transformers.GPTNeoXConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=False,
+            **ids,
+        )
     raise ValueError(family)
 
 

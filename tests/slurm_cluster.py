@@ -22,8 +22,18 @@ from pathlib import Path
 MARKER = "DTRAIN_SLURM_CLUSTER"  # in the environment of every process of a cluster: its root directory
 NODES = ("node1", "node2")
 CPUS_PER_NODE = 2
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
-            "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT"}  # fmt: skip
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "SPECIAL_EXIT",
+}
 
 
 class SlurmUnavailable(Exception):
@@ -101,9 +111,15 @@ class SlurmCluster:
         for path in (mdir, key):
             os.chown(path, munge.pw_uid, munge.pw_gid)
         self.munge_socket = mdir / "munge.socket"
-        cmd = ["munged", "--foreground", f"--key-file={key}",
-               f"--socket={self.munge_socket}", f"--pid-file={mdir / 'munged.pid'}",
-               f"--log-file={mdir / 'munged.log'}", f"--seed-file={mdir / 'munged.seed'}"]  # fmt: skip
+        cmd = [
+            "munged",
+            "--foreground",
+            f"--key-file={key}",
+            f"--socket={self.munge_socket}",
+            f"--pid-file={mdir / 'munged.pid'}",
+            f"--log-file={mdir / 'munged.log'}",
+            f"--seed-file={mdir / 'munged.seed'}",
+        ]
         self._spawn("munged", cmd, user=munge.pw_uid, group=munge.pw_gid, extra_groups=[])
         deadline = time.time() + 20
         while not self.munge_socket.exists():
@@ -163,10 +179,14 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
     def _spawn(self, name: str, cmd: list[str], **kw) -> None:
         log = open(self.root / f"{name}.out", "w")  # noqa: SIM115 (closed with the process)
         self.daemons[name] = subprocess.Popen(
-            cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cmd,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C of the tests reaches them through stop(), not twice
             **kw,
-        )  # fmt: skip
+        )
         log.close()
 
     def _wait_idle(self, timeout: float) -> None:
@@ -221,8 +241,14 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         full = {**self.env, **(env or {})}
         full.update({k: self.env[k] for k in ("SLURM_CONF", MARKER)})  # this cluster, whatever `env` says
         full["PATH"] = os.pathsep.join([full.get("PATH", ""), "/usr/sbin", "/sbin"])
-        proc = subprocess.run(["sbatch", "--parsable", *options, str(script)], env=full,
-                              capture_output=True, text=True, timeout=60, cwd=cwd)  # fmt: skip
+        proc = subprocess.run(
+            ["sbatch", "--parsable", *options, str(script)],
+            env=full,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=cwd,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"sbatch failed ({proc.returncode}): {proc.stderr}")
         return proc.stdout.strip().split(";")[0]

@@ -42,8 +42,24 @@ RESUMED = ["fsdp", "zero3"]  # GPT-2 (tied) resumed from a mid-run checkpoint un
 STEPS = 4
 PER_RANK = 4  # 2 ranks x 4 = one process x 8
 LOSS_RTOL = 1e-5
-WORDS = ["apple", "house", "river", "stone", "cloud", "tiger", "lemon", "chair",
-         "plant", "music", "ocean", "bread", "light", "green", "smile", "train"]  # fmt: skip
+WORDS = [
+    "apple",
+    "house",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "lemon",
+    "chair",
+    "plant",
+    "music",
+    "ocean",
+    "bread",
+    "light",
+    "green",
+    "smile",
+    "train",
+]
 
 
 def alpaca_rows() -> list[dict]:
@@ -62,13 +78,34 @@ def _run_args(
     data: Path, model: Path, out: Path, profile: str, save_steps: int, steps: int = STEPS
 ) -> list[str]:
     batch = PER_RANK * (2 if profile == "single" else 1)  # the same global batch everywhere
-    return ["--model.name_or_path", str(model), "--data.path", str(data), "--data.template", "alpaca",
-            "--output_dir", str(out), "--train.max_steps", str(steps), "--train.per_device_batch_size", str(batch),
-            "--checkpoint.save_steps", str(save_steps), "--eval.steps", "0", "--eval.num_generate", "0",
-            "--log.every_steps", "1", "--log.progress_bar", "false",
-            # strong enough that a parameter put in the wrong weight-decay group shows in the trained weights
-            # (ZeRO-3's zero.Init partitions look 1-D: measured 5.5e-5 when they all lost their decay)
-            "--optim.weight_decay", "0.1"]  # fmt: skip
+    return [
+        "--model.name_or_path",
+        str(model),
+        "--data.path",
+        str(data),
+        "--data.template",
+        "alpaca",
+        "--output_dir",
+        str(out),
+        "--train.max_steps",
+        str(steps),
+        "--train.per_device_batch_size",
+        str(batch),
+        "--checkpoint.save_steps",
+        str(save_steps),
+        "--eval.steps",
+        "0",
+        "--eval.num_generate",
+        "0",
+        "--log.every_steps",
+        "1",
+        "--log.progress_bar",
+        "false",
+        # strong enough that a parameter put in the wrong weight-decay group shows in the trained weights
+        # (ZeRO-3's zero.Init partitions look 1-D: measured 5.5e-5 when they all lost their decay)
+        "--optim.weight_decay",
+        "0.1",
+    ]
 
 
 class Runs:

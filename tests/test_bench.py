@@ -19,8 +19,14 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "quick.json"
-    proc = subprocess.run([sys.executable, "bench/run.py", "--quick", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=900, env=env_for_subprocess())  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "bench/run.py", "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env_for_subprocess(),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Throughput" in proc.stdout  # the table is printed
     return json.loads(out.read_text())
@@ -37,9 +43,17 @@ def _summary(section: dict, case: str) -> dict:
 
 def test_every_case_ran(quick):
     assert quick["failed"] == []
-    assert {s["kind"] for s in quick["sections"]} == {"section_overhead", "section_throughput",
-        "section_optim_state", "section_profiles", "section_loss_memory", "section_startup",
-        "section_data_prepare", "section_data_startup", "section_data_large"}  # fmt: skip
+    assert {s["kind"] for s in quick["sections"]} == {
+        "section_overhead",
+        "section_throughput",
+        "section_optim_state",
+        "section_profiles",
+        "section_loss_memory",
+        "section_startup",
+        "section_data_prepare",
+        "section_data_startup",
+        "section_data_large",
+    }
     for section in quick["sections"]:
         assert all(case["status"] == "ok" for case in section["cases"].values()), section["title"]
 

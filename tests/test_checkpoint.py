@@ -98,13 +98,28 @@ def test_best_for_exact_match_is_the_highest_and_the_earliest_on_a_tie(tmp_path)
 
 def test_end_to_end_rotation_best_link_and_milestones(tmp_path):
     out = tmp_path / "run"
-    args = ["--train.max_steps", "12", "--checkpoint.save_steps", "2", "--eval.steps", "2",
-            "--checkpoint.keep_last", "1", "--checkpoint.keep_every", "6", "--optim.lr", "1e-2"]  # fmt: skip
+    args = [
+        "--train.max_steps",
+        "12",
+        "--checkpoint.save_steps",
+        "2",
+        "--eval.steps",
+        "2",
+        "--checkpoint.keep_last",
+        "1",
+        "--checkpoint.keep_every",
+        "6",
+        "--optim.lr",
+        "1e-2",
+    ]
     assert_ok(run_train([*TINY, *args, "--output_dir", str(out)]))
     root = out / "checkpoints"
     markers = {p.name: json.loads((p / MARKER).read_text()) for p in complete_checkpoints(root)}
-    evals = {r["step"]: r["eval_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-             if "eval_loss" in r}  # fmt: skip
+    evals = {
+        r["step"]: r["eval_loss"]
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if "eval_loss" in r
+    }
     best_step = min(evals, key=evals.get)
     expected = {f"step-{s:08d}" for s in {6, 12, best_step}}  # milestones 6 and 12, newest 12, best
     assert set(markers) == expected, (markers.keys(), evals)
@@ -176,8 +191,12 @@ def test_a_checkpoint_without_marker_does_not_count(tmp_path):
 
 def _mount_tmpfs(path: Path, size_kb: int) -> bool:
     path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0  # fmt: skip
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(straight, tmp_path):
@@ -263,8 +282,18 @@ def test_a_resume_that_changes_the_run_is_refused(straight, tmp_path, change, ex
 
 def test_allow_config_change_resumes_and_says_what_changed(straight, tmp_path):
     run = resumable_copy(straight, tmp_path / "run", 8)
-    proc = run_train([*TINY, *SHAPE, "--optim.lr", "5e-3", "--checkpoint.allow_config_change", "true",
-                      "--output_dir", str(run)])  # fmt: skip
+    proc = run_train(
+        [
+            *TINY,
+            *SHAPE,
+            "--optim.lr",
+            "5e-3",
+            "--checkpoint.allow_config_change",
+            "true",
+            "--output_dir",
+            str(run),
+        ]
+    )
     assert_ok(proc)
     assert "resuming with changed settings: optim.lr 0.01 -> 0.005" in proc.stdout
     resumed = json.loads((run / "run_info.json").read_text())["resumed_from"]  # recorded for reproduction
@@ -274,8 +303,20 @@ def test_allow_config_change_resumes_and_says_what_changed(straight, tmp_path):
 
 def test_harmless_changes_are_allowed_and_logged(straight, tmp_path):
     run = resumable_copy(straight, tmp_path / "run", 8)
-    proc = run_train([*TINY, *SHAPE, "--eval.steps", "5", "--train.max_steps", "14", "--log.every_steps", "2",
-                      "--output_dir", str(run)])  # fmt: skip
+    proc = run_train(
+        [
+            *TINY,
+            *SHAPE,
+            "--eval.steps",
+            "5",
+            "--train.max_steps",
+            "14",
+            "--log.every_steps",
+            "2",
+            "--output_dir",
+            str(run),
+        ]
+    )
     assert_ok(proc)
     assert "eval.steps 6 -> 5" in proc.stdout and "train.max_steps 12 -> 14" in proc.stdout
     assert "log.every_steps 1 -> 2" in proc.stdout
@@ -328,8 +369,15 @@ def _llama_dir(path: Path, hidden: int) -> Path:
     from dtrain.tasks import build_char_tokenizer
 
     tok = build_char_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=tok.pad_token_id,
+    )
     if path.exists():
         shutil.rmtree(path)
     LlamaForCausalLM(config).save_pretrained(path)
@@ -342,12 +390,33 @@ def test_a_checkpoint_of_another_model_is_refused_before_it_is_read(tmp_path):
     the marker's model identity tells them apart before any weight is read."""
     model = _llama_dir(tmp_path / "model", hidden=32)
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"instruction": "Echo.", "input": w, "output": w}) + "\n"
-                            for w in ("apple", "pear", "plum", "fig", "lime", "kiwi") * 4))  # fmt: skip
+    data.write_text(
+        "".join(
+            json.dumps({"instruction": "Echo.", "input": w, "output": w}) + "\n"
+            for w in ("apple", "pear", "plum", "fig", "lime", "kiwi") * 4
+        )
+    )
     run = tmp_path / "run"
-    args = ["--model.name_or_path", str(model), "--data.path", str(data), "--data.template", "alpaca",
-            "--output_dir", str(run), "--train.max_steps", "4", "--checkpoint.save_steps", "2",
-            "--train.per_device_batch_size", "2", "--eval.num_generate", "0", "--log.progress_bar", "false"]  # fmt: skip
+    args = [
+        "--model.name_or_path",
+        str(model),
+        "--data.path",
+        str(data),
+        "--data.template",
+        "alpaca",
+        "--output_dir",
+        str(run),
+        "--train.max_steps",
+        "4",
+        "--checkpoint.save_steps",
+        "2",
+        "--train.per_device_batch_size",
+        "2",
+        "--eval.num_generate",
+        "0",
+        "--log.progress_bar",
+        "false",
+    ]
     assert_ok(run_train([*args, "--train.max_steps", "2"]))  # stops at step 2 with a checkpoint
     marker = json.loads((run / "checkpoints" / "step-00000002" / "dtrain_checkpoint.json").read_text())
     assert marker["model"]["architecture"] == "LlamaForCausalLM" and marker["model"]["parameters"] > 0
@@ -451,9 +520,23 @@ def test_export_of_a_run_dir_and_of_best(straight, tmp_path):
 # SIGKILL at random moments, some of them in the middle of writing a checkpoint
 # ------------------------------------------------------------------------------------------------
 
-KILL_SHAPE = [*TINY, "--model.hidden_size", "128", "--model.intermediate_size", "256",  # ~4 MB checkpoints
-              "--train.max_steps", "40", "--checkpoint.save_steps", "4", "--checkpoint.keep_last", "2",
-              "--eval.steps", "0", "--eval.num_generate", "0"]  # fmt: skip
+KILL_SHAPE = [
+    *TINY,
+    "--model.hidden_size",
+    "128",
+    "--model.intermediate_size",
+    "256",  # ~4 MB checkpoints
+    "--train.max_steps",
+    "40",
+    "--checkpoint.save_steps",
+    "4",
+    "--checkpoint.keep_last",
+    "2",
+    "--eval.steps",
+    "0",
+    "--eval.num_generate",
+    "0",
+]
 
 
 def _committed(root: Path) -> list[int]:
@@ -474,8 +557,13 @@ def _half_written(root: Path) -> bool:
 
 def _start(out: Path, log: Path) -> subprocess.Popen:
     with open(log, "w") as fh:
-        return subprocess.Popen([sys.executable, str(REPO / "dtrain" / "train.py"), *KILL_SHAPE, "--output_dir",
-                                 str(out)], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env_for_subprocess(PYTHONUNBUFFERED="1"))  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, str(REPO / "dtrain" / "train.py"), *KILL_SHAPE, "--output_dir", str(out)],
+            cwd=REPO,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env_for_subprocess(PYTHONUNBUFFERED="1"),
+        )
 
 
 def _wait_for(proc: subprocess.Popen, ready, timeout: float = 120.0) -> bool:

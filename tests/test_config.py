@@ -368,9 +368,17 @@ def sources_recipe(tmp_path: Path, sources: list[dict], **data) -> list[str]:
 def test_sources_fill_their_nulls_from_the_data_section(tmp_path):
     from dtrain.config import resolved_sources
 
-    cfg = parse_config(sources_recipe(tmp_path, [{"path": str(tmp_path / "web.jsonl"), "template": "text", "weight": 3},
-                                                  {"path": str(tmp_path / "sub" / "chat.jsonl"), "eval_fraction": 0}],
-                                      template="alpaca", eval_fraction=0.1))  # fmt: skip
+    cfg = parse_config(
+        sources_recipe(
+            tmp_path,
+            [
+                {"path": str(tmp_path / "web.jsonl"), "template": "text", "weight": 3},
+                {"path": str(tmp_path / "sub" / "chat.jsonl"), "eval_fraction": 0},
+            ],
+            template="alpaca",
+            eval_fraction=0.1,
+        )
+    )
     web, chat = resolved_sources(cfg.data)
     assert (web.name, web.template, web.weight, web.eval_fraction) == ("web", "text", 3.0, 0.1)
     assert (chat.name, chat.template, chat.weight, chat.eval_fraction) == ("chat", "alpaca", 1.0, 0.0)

@@ -16,7 +16,9 @@ from dtrain.data import load_run_data
 
 def config(tmp_path, **data) -> Config:
     cfg = Config(output_dir=str(tmp_path / "run"))
-    cfg.data = DataConfig(**{"path": str(tmp_path / "web.jsonl"), "template": "text", "max_length": 16, **data})
+    cfg.data = DataConfig(
+        **{"path": str(tmp_path / "web.jsonl"), "template": "text", "max_length": 16, **data}
+    )
     return cfg
 
 

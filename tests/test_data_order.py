@@ -34,7 +34,9 @@ def test_world_two_equals_world_one_with_double_batch(n, batch):
 @pytest.mark.parametrize(("n", "batch"), [(10, 3), (16, 4), (7, 10)])
 def test_each_epoch_is_a_permutation(n, batch):
     epochs = 4
-    stream = [i for b in take(GlobalBatchSampler(DataOrder(n, 3), batch, 0, 1), -(-epochs * n // batch)) for i in b]
+    stream = [
+        i for b in take(GlobalBatchSampler(DataOrder(n, 3), batch, 0, 1), -(-epochs * n // batch)) for i in b
+    ]
     orders = [stream[e * n : (e + 1) * n] for e in range(epochs)]
     for order in orders:
         assert sorted(order) == list(range(n))
@@ -71,8 +73,9 @@ def test_sampler_drives_a_dataloader(tok):
     from dtrain.data import train_loader
 
     ds = datasets.Dataset.from_list([{"input_ids": [1] * (i + 1), "labels": [1] * (i + 1)} for i in range(6)])
-    loader = train_loader(ds, DataOrder(6, 0), 2, 0, 1, start=0, collator=Collator(tok.pad_token_id),
-                          num_workers=0, pin=False)  # fmt: skip
+    loader = train_loader(
+        ds, DataOrder(6, 0), 2, 0, 1, start=0, collator=Collator(tok.pad_token_id), num_workers=0, pin=False
+    )
     it = iter(loader)
     seen = []
     for _ in range(3):
@@ -80,8 +83,6 @@ def test_sampler_drives_a_dataloader(tok):
         assert batch["input_ids"].shape[0] == 2
         seen += batch["attention_mask"].sum(dim=1).tolist()
     assert sorted(seen) == [1, 2, 3, 4, 5, 6]  # one epoch: every example (length i+1) once
-
-
 
 
 def test_one_source_reads_the_order_of_every_earlier_dtrain():
@@ -150,10 +151,14 @@ def test_a_mixture_oversamples_a_small_source_epoch_by_epoch_and_undersamples_a_
 @pytest.mark.parametrize("world", [2, 3])
 def test_a_mixture_reads_the_same_rows_on_any_world_size_and_from_any_start(world):
     sizes, shares, batch = [7, 30, 11], [0.2, 0.5, 0.3], 2
-    single = [i for b in take(GlobalBatchSampler(DataOrder(sizes, 9, shares), world * batch, 0, 1), 30) for i in b]
+    single = [
+        i for b in take(GlobalBatchSampler(DataOrder(sizes, 9, shares), world * batch, 0, 1), 30) for i in b
+    ]
     start = 4 * world * batch  # resumed after 4 global steps, on `world` ranks
-    ranks = [take(GlobalBatchSampler(DataOrder(sizes, 9, shares), batch, r, world, start=start), 20)
-             for r in range(world)]  # fmt: skip
+    ranks = [
+        take(GlobalBatchSampler(DataOrder(sizes, 9, shares), batch, r, world, start=start), 20)
+        for r in range(world)
+    ]
     merged = [i for step in zip(*ranks, strict=True) for b in step for i in b]
     assert merged == single[start : start + len(merged)]
 

@@ -119,8 +119,13 @@ def test_one_epoch_trains_every_token_of_every_train_document_exactly_once(tok, 
 
 def test_prepared_arrays_are_memory_mapped_with_no_list_per_example(tok, tmp_path):
     corpus(tmp_path / "web.jsonl")
-    cfg = config(sources=[{"path": str(tmp_path / "web.jsonl"), "template": "text"},
-                          {"path": str(qa(tmp_path / "qa.jsonl")), "template": "alpaca"}], packing=True)  # fmt: skip
+    cfg = config(
+        sources=[
+            {"path": str(tmp_path / "web.jsonl"), "template": "text"},
+            {"path": str(qa(tmp_path / "qa.jsonl")), "template": "alpaca"},
+        ],
+        packing=True,
+    )
     data, manifest = prepare(cfg, tok, tmp_path / "prep")
     for split in data.train.splits:
         for name in ("tokens", "offsets", "has_target", "row_offsets", "row_items", "row_tokens"):
@@ -138,8 +143,12 @@ def test_alpaca_keeps_truncating_and_counts_it(tok, tmp_path):
     rows = [{"instruction": "Copy.", "input": "x" * n, "output": "y" * n} for n in (1, 5, 40, 60, 2, 3)]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
-    cfg = config(path=str(tmp_path / "train.jsonl"), eval_path=str(tmp_path / "eval.jsonl"), template="alpaca",
-                 max_length=64)  # fmt: skip
+    cfg = config(
+        path=str(tmp_path / "train.jsonl"),
+        eval_path=str(tmp_path / "eval.jsonl"),
+        template="alpaca",
+        max_length=64,
+    )
     data, _ = prepare(cfg, tok, tmp_path / "prep")
     assert data.stats["train_examples"] == data.stats["train_documents"] == 6  # never split, never dropped
     assert data.stats["train_truncated"] == 2 and data.stats["eval_truncated"] == 1
@@ -149,9 +158,13 @@ def test_alpaca_keeps_truncating_and_counts_it(tok, tmp_path):
 
 def test_a_mixture_weights_tokens_and_names_every_source(tok, tmp_path):
     corpus(tmp_path / "web.jsonl", n=80)
-    cfg = config(sources=[{"path": str(tmp_path / "web.jsonl"), "template": "text", "weight": 3},
-                          {"path": str(qa(tmp_path / "qa.jsonl")), "template": "alpaca", "name": "sft"}],
-                 packing=True)  # fmt: skip
+    cfg = config(
+        sources=[
+            {"path": str(tmp_path / "web.jsonl"), "template": "text", "weight": 3},
+            {"path": str(qa(tmp_path / "qa.jsonl")), "template": "alpaca", "name": "sft"},
+        ],
+        packing=True,
+    )
     data, _ = prepare(cfg, tok, tmp_path / "prep")
     assert data.names == ["web", "sft"] and set(data.eval) == {"web", "sft"}
     info = data.stats["sources"]
@@ -198,8 +211,13 @@ def test_another_tokenizer_is_refused(prepared_web):
     assert "another tokenizer" in refusal(cfg, bpe_tokenizer(["abc def"] * 20, pad=True), path)
 
 
-@pytest.mark.parametrize(("key", "value", "words"), [("max_length", 64, "--data.max_length is 64 here, 32 there"),
-                                                      ("packing", True, "--data.packing is true here")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("max_length", 64, "--data.max_length is 64 here, 32 there"),
+        ("packing", True, "--data.packing is true here"),
+    ],
+)
 def test_another_max_length_or_packing_is_refused(prepared_web, tok, key, value, words):
     cfg, path = prepared_web
     setattr(cfg.data, key, value)
@@ -229,8 +247,9 @@ def test_a_half_written_directory_is_refused(prepared_web):
 
 
 def test_prepare_arguments_find_out_dir_among_training_flags():
-    assert split_prepare_args(["--config", "r.yaml", "out", "--num-proc", "4", "--data.max_length", "64"]) == (
-        "out", 4, ["--config", "r.yaml", "--data.max_length", "64"])  # fmt: skip
+    assert split_prepare_args(
+        ["--config", "r.yaml", "out", "--num-proc", "4", "--data.max_length", "64"]
+    ) == ("out", 4, ["--config", "r.yaml", "--data.max_length", "64"])
     assert split_prepare_args(["--data.packing=true", "out"]) == ("out", None, ["--data.packing=true"])
     with pytest.raises(UserError, match="--num-proc must be a whole number >= 1"):
         split_prepare_args(["out", "--num-proc", "0"])

@@ -48,8 +48,21 @@ def write_sources(root):
 
 
 def flags(recipe) -> list[str]:
-    return [*TINY, "--config", str(recipe), "--train.max_steps", str(STEPS), "--checkpoint.save_steps", "8",
-            "--eval.steps", "20", "--eval.num_generate", "0", "--log.every_steps", "1"]  # fmt: skip
+    return [
+        *TINY,
+        "--config",
+        str(recipe),
+        "--train.max_steps",
+        str(STEPS),
+        "--checkpoint.save_steps",
+        "8",
+        "--eval.steps",
+        "20",
+        "--eval.num_generate",
+        "0",
+        "--log.every_steps",
+        "1",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +98,8 @@ def test_a_mixture_logs_its_shares_beside_the_targets_and_evals_every_source(str
     )
     ended = info["ended"]["data_sources"]
     assert ended["web"]["target_share"] == 0.75 and abs(ended["web"]["token_share"] - 0.75) < 0.05
-    assert (
-        sum(v["rows"] for v in ended.values()) == STEPS * 4
-    )  # every row consumed (global batch 4), counted once
+    # every row consumed (global batch 4), counted once
+    assert sum(v["rows"] for v in ended.values()) == STEPS * 4
 
 
 def test_a_killed_mixture_resumes_from_a_prepared_directory_with_bitwise_equal_losses(straight):
@@ -105,9 +117,8 @@ def test_a_killed_mixture_resumes_from_a_prepared_directory_with_bitwise_equal_l
     kill_after_checkpoints(flags(recipe), out)
     resumed = run_train([*flags(recipe), "--data.prepared", str(prepared), "--output_dir", str(out)])
     assert_ok(resumed)
-    assert (
-        "resuming from" in resumed.stdout and "data.prepared None ->" in resumed.stdout
-    )  # allowed: harmless
+    # allowed: a harmless change
+    assert "resuming from" in resumed.stdout and "data.prepared None ->" in resumed.stdout
     rows = train_rows(out)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert {r["step"]: r["loss"] for r in rows} == reference  # bitwise
@@ -117,8 +128,17 @@ def test_a_prepared_directory_of_other_settings_is_refused_in_one_line(straight,
     root, recipe, _, _ = straight
     prepared = root / "prepared-64"
     assert_ok(run_dtrain("prepare", "--config", str(recipe), str(prepared), *TINY[2:]))
-    proc = run_train([*flags(recipe), "--data.prepared", str(prepared), "--data.max_length", "48",
-                      "--output_dir", str(tmp_path / "run")])  # fmt: skip
+    proc = run_train(
+        [
+            *flags(recipe),
+            "--data.prepared",
+            str(prepared),
+            "--data.max_length",
+            "48",
+            "--output_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("dtrain: error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr

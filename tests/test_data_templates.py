@@ -210,7 +210,10 @@ def test_nulls_are_nothing_to_learn_never_the_string_none(tok):
     assert trained(alpaca) == [] and "None" not in tok.decode(alpaca["input_ids"])
     text = encode({"text": None}, tok, DataConfig(template="text"))
     assert trained(text) == [] and "None" not in tok.decode(text["input_ids"])
-    conv = [{"role": "system", "content": None}, {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "yo"}]  # fmt: skip
+    conv = [
+        {"role": "system", "content": None},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+    ]
     chat = encode({"messages": conv}, tok, DataConfig(template="chat"))
     assert "None" not in tok.decode(chat["input_ids"]) and tok.decode(trained(chat)) == "yo" + tok.eos_token

@@ -26,10 +26,13 @@ def test_eval_loss_is_absent_without_a_target_token_never_zero():
     assert eval_loss(accelerator, model, unscored, 2, collate) is None
 
 
-@pytest.mark.parametrize(("metric", "values", "best", "stops_at"), [
-    ("loss", [3.0, 2.0, 2.5, 2.6], 2.0, 4),  # lower is better; patience 2 runs out at the 4th eval
-    ("exact_match", [0.1, 0.5, 0.5, 0.4], 0.5, 4),  # higher is better; a tie is no improvement
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("metric", "values", "best", "stops_at"),
+    [
+        ("loss", [3.0, 2.0, 2.5, 2.6], 2.0, 4),  # lower is better; patience 2 runs out at the 4th eval
+        ("exact_match", [0.1, 0.5, 0.5, 0.4], 0.5, 4),  # higher is better; a tie is no improvement
+    ],
+)
 def test_track_best_and_patience(metric, values, best, stops_at):
     state = TrainState()
     stops = [

@@ -85,12 +85,42 @@ def write_data(directory: Path, world: int, poison_rank: int, faults: tuple[int,
 
 
 def args(model: Path, data: Path, eval_data: Path, out: Path, *extra: str) -> list[str]:
-    return [*TINY, "--model.name_or_path", str(model), "--data.path", str(data), "--data.eval_path", str(eval_data),
-            "--data.template", "text", "--data.max_length", "32", "--train.seed", str(SEED),
-            "--train.per_device_batch_size", str(BATCH), "--train.max_steps", str(STEPS), "--eval.steps", "0",
-            "--eval.num_generate", "0", "--eval.num_samples", "0", "--optim.lr", "1e-2",
-            "--optim.scheduler", "constant_with_warmup", "--optim.warmup_steps", "0",
-            "--checkpoint.keep_last", "10", "--output_dir", str(out), *extra]  # fmt: skip
+    return [
+        *TINY,
+        "--model.name_or_path",
+        str(model),
+        "--data.path",
+        str(data),
+        "--data.eval_path",
+        str(eval_data),
+        "--data.template",
+        "text",
+        "--data.max_length",
+        "32",
+        "--train.seed",
+        str(SEED),
+        "--train.per_device_batch_size",
+        str(BATCH),
+        "--train.max_steps",
+        str(STEPS),
+        "--eval.steps",
+        "0",
+        "--eval.num_generate",
+        "0",
+        "--eval.num_samples",
+        "0",
+        "--optim.lr",
+        "1e-2",
+        "--optim.scheduler",
+        "constant_with_warmup",
+        "--optim.warmup_steps",
+        "0",
+        "--checkpoint.keep_last",
+        "10",
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
 
 
 def checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -105,8 +135,11 @@ def checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 
     reader = dcp.FileSystemReader(str(ckpt / "dcp"))
     meta = reader.read_metadata().state_dict_metadata
-    wanted = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
-              if isinstance(m, TensorStorageMetadata)}  # fmt: skip
+    wanted = {
+        k: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in meta.items()
+        if isinstance(m, TensorStorageMetadata)
+    }
     dcp.load(wanted, storage_reader=reader, no_dist=True)
     return wanted
 
@@ -168,8 +201,9 @@ def test_a_skipped_step_changes_nothing_and_the_run_equals_the_run_without_that_
     ]
     assert sched[0]["last_epoch"] == sched[1]["last_epoch"]  # the schedule did not move
     clean_out, _ = single["clean"]
-    assert_bitwise_equal(load_file(out / "final" / "model.safetensors"),
-                         load_file(clean_out / "final" / "model.safetensors"))  # fmt: skip
+    assert_bitwise_equal(
+        load_file(out / "final" / "model.safetensors"), load_file(clean_out / "final" / "model.safetensors")
+    )
     clean_rows = {r["step"]: r for r in train_rows(clean_out)}
     assert [r["loss"] for r in rows.values()] == [r["loss"] for r in clean_rows.values()]
     assert rows[FAULT_STEP]["loss"] is None  # nothing was trained in that step
@@ -178,8 +212,18 @@ def test_a_skipped_step_changes_nothing_and_the_run_equals_the_run_without_that_
 def test_rollback_reloads_the_newest_checkpoint_and_steps_over_the_window(single, poisoned_model):
     poisoned, _, evalset = single["data"]
     out = single["skip"][0].parent / "rollback"
-    proc = run_train(args(poisoned_model, poisoned, evalset, out, "--train.nonfinite", "rollback",
-                          "--checkpoint.save_steps", "2"))  # fmt: skip
+    proc = run_train(
+        args(
+            poisoned_model,
+            poisoned,
+            evalset,
+            out,
+            "--train.nonfinite",
+            "rollback",
+            "--checkpoint.save_steps",
+            "2",
+        )
+    )
     assert_ok(proc)
     assert "rolled back to step-00000002" in proc.stdout
     (fault,) = fault_rows(out)
@@ -188,15 +232,26 @@ def test_rollback_reloads_the_newest_checkpoint_and_steps_over_the_window(single
     state = json.loads((out / "checkpoints" / f"step-{STEPS:08d}" / "train_state.json").read_text())
     assert state["rollbacks"] == 1 and state["skip_windows"] == [(FAULT_STEP - 1) * BATCH]
     clean_out, _ = single["clean"]
-    assert_bitwise_equal(load_file(out / "final" / "model.safetensors"),
-                         load_file(clean_out / "final" / "model.safetensors"))  # fmt: skip
+    assert_bitwise_equal(
+        load_file(out / "final" / "model.safetensors"), load_file(clean_out / "final" / "model.safetensors")
+    )
 
 
 def test_halt_stops_at_the_fault_and_leaves_the_newest_checkpoint(single, poisoned_model):
     poisoned, _, evalset = single["data"]
     out = single["skip"][0].parent / "halt"
-    proc = run_train(args(poisoned_model, poisoned, evalset, out, "--train.nonfinite", "halt",
-                          "--checkpoint.save_steps", "2"))  # fmt: skip
+    proc = run_train(
+        args(
+            poisoned_model,
+            poisoned,
+            evalset,
+            out,
+            "--train.nonfinite",
+            "halt",
+            "--checkpoint.save_steps",
+            "2",
+        )
+    )
     assert proc.returncode == NONFINITE_EXIT_CODE, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr + proc.stdout
     line = [ln for ln in proc.stdout.splitlines() if "halted" in ln]
@@ -210,14 +265,26 @@ def test_halt_stops_at_the_fault_and_leaves_the_newest_checkpoint(single, poison
 
 @pytest.mark.parametrize(
     "mode,limit,message",
-    [("skip", "2", "halted after 2 non-finite steps in a row (--train.max_nonfinite_steps)"),
-     ("rollback", "1", "halted after 1 rollbacks (--train.max_nonfinite_steps)")],
-)  # fmt: skip
+    [
+        ("skip", "2", "halted after 2 non-finite steps in a row (--train.max_nonfinite_steps)"),
+        ("rollback", "1", "halted after 1 rollbacks (--train.max_nonfinite_steps)"),
+    ],
+)
 def test_a_run_halts_past_max_nonfinite_steps(poisoned_model, tmp_path, mode, limit, message):
     """Two faulty windows in a row. Rollback: the first fault (no checkpoint yet) counts as a rollback."""
     poisoned, _, evalset, _ = write_data(tmp_path, world=1, poison_rank=0, faults=(2, 3))
-    proc = run_train(args(poisoned_model, poisoned, evalset, tmp_path / "run", "--train.nonfinite", mode,
-                          "--train.max_nonfinite_steps", limit))  # fmt: skip
+    proc = run_train(
+        args(
+            poisoned_model,
+            poisoned,
+            evalset,
+            tmp_path / "run",
+            "--train.nonfinite",
+            mode,
+            "--train.max_nonfinite_steps",
+            limit,
+        )
+    )
     assert proc.returncode == NONFINITE_EXIT_CODE, proc.stderr[-2000:]
     assert message in proc.stdout
     assert [r["step"] for r in fault_rows(tmp_path / "run")] == [2, 3]
@@ -230,19 +297,26 @@ def test_a_run_halts_past_max_nonfinite_steps(poisoned_model, tmp_path, mode, li
 
 def test_ddp_skip_and_rollback_equal_the_run_without_that_window(poisoned_model, tmp_path):
     poisoned, clean, evalset, bad = write_data(tmp_path, world=2, poison_rank=1)
-    runs = {"poisoned": (poisoned, []), "clean": (clean, []),
-            "rollback": (poisoned, ["--train.nonfinite", "rollback", "--checkpoint.save_steps", "2"])}  # fmt: skip
+    runs = {
+        "poisoned": (poisoned, []),
+        "clean": (clean, []),
+        "rollback": (poisoned, ["--train.nonfinite", "rollback", "--checkpoint.save_steps", "2"]),
+    }
     for name, (data, extra) in runs.items():
         assert_ok(dtrain_launch("ddp", args(poisoned_model, data, evalset, tmp_path / name, *extra)))
     for name in ("poisoned", "rollback"):
         (fault,) = fault_rows(tmp_path / name)
         assert fault["step"] == FAULT_STEP and bad[0] in fault["examples"]
-        assert_bitwise_equal(load_file(tmp_path / name / "final" / "model.safetensors"),
-                             load_file(tmp_path / "clean" / "final" / "model.safetensors"))  # fmt: skip
+        assert_bitwise_equal(
+            load_file(tmp_path / name / "final" / "model.safetensors"),
+            load_file(tmp_path / "clean" / "final" / "model.safetensors"),
+        )
 
 
-@pytest.mark.parametrize("profile,precision,mode", [("fsdp", "no", "skip"), ("zero2", "bf16", "skip"),
-                                                    ("zero2", "bf16", "rollback")])  # fmt: skip
+@pytest.mark.parametrize(
+    "profile,precision,mode",
+    [("fsdp", "no", "skip"), ("zero2", "bf16", "skip"), ("zero2", "bf16", "rollback")],
+)
 def test_sharded_fault_leaves_parameters_and_optimizer_state_bitwise_unchanged(
     poisoned_model, tmp_path, profile, precision, mode
 ):
@@ -250,8 +324,21 @@ def test_sharded_fault_leaves_parameters_and_optimizer_state_bitwise_unchanged(
     (skip: the engine must not have applied the step). Rollback reloads the engine's checkpoint in place."""
     poisoned, _, evalset, _ = write_data(tmp_path, world=2, poison_rank=1)
     out = tmp_path / "run"
-    proc = dtrain_launch(profile, args(poisoned_model, poisoned, evalset, out, "--checkpoint.save_steps", "1",
-                                       "--train.mixed_precision", precision, "--train.nonfinite", mode))  # fmt: skip
+    proc = dtrain_launch(
+        profile,
+        args(
+            poisoned_model,
+            poisoned,
+            evalset,
+            out,
+            "--checkpoint.save_steps",
+            "1",
+            "--train.mixed_precision",
+            precision,
+            "--train.nonfinite",
+            mode,
+        ),
+    )
     assert_ok(proc)
     assert [r["step"] for r in fault_rows(out)] == [FAULT_STEP]
     assert ("rolled back to step-00000002" in proc.stdout) == (mode == "rollback")
@@ -270,8 +357,14 @@ def _verdict_on_rank(rank: int, port: int, results) -> None:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), ACCELERATE_USE_CPU="1")  # fmt: skip
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        ACCELERATE_USE_CPU="1",
+    )
     from accelerate.utils import InitProcessGroupKwargs
 
     AcceleratorState._reset_state(True)
@@ -281,8 +374,10 @@ def _verdict_on_rank(rank: int, port: int, results) -> None:
 
     guard = NonfiniteGuard(acc)
     loss = torch.tensor(float("nan") if rank == 1 else 1.0)
-    results[rank] = (guard.faulted(loss, torch.tensor(2.0), None),
-                     guard.faulted(torch.tensor(1.0), torch.tensor(2.0), None))  # fmt: skip
+    results[rank] = (
+        guard.faulted(loss, torch.tensor(2.0), None),
+        guard.faulted(torch.tensor(1.0), torch.tensor(2.0), None),
+    )
 
 
 def test_every_rank_gets_the_verdict_of_the_one_rank_that_saw_a_nan():
@@ -303,8 +398,21 @@ def test_every_rank_gets_the_verdict_of_the_one_rank_that_saw_a_nan():
 # No rank left hanging: a 2-rank CPU job whose rank 1 is killed (SIGKILL) or frozen (SIGSTOP)
 # --------------------------------------------------------------------------------------------
 
-KILL_ARGS = [*TINY, "--train.max_steps", "100", "--checkpoint.save_steps", "10", "--eval.steps", "0",
-             "--eval.num_generate", "0", "--eval.num_samples", "0", "--train.collective_timeout_s", "10"]  # fmt: skip
+KILL_ARGS = [
+    *TINY,
+    "--train.max_steps",
+    "100",
+    "--checkpoint.save_steps",
+    "10",
+    "--eval.steps",
+    "0",
+    "--eval.num_generate",
+    "0",
+    "--eval.num_samples",
+    "0",
+    "--train.collective_timeout_s",
+    "10",
+]
 
 
 def start_and_hit_rank_1(out: Path, signum: int, after_step: int = 12, **env: str):
@@ -316,8 +424,14 @@ def start_and_hit_rank_1(out: Path, signum: int, after_step: int = 12, **env: st
 
     from conftest import REPO, env_for_subprocess, launch_cmd
 
-    job = subprocess.Popen(launch_cmd("ddp", [*KILL_ARGS, "--output_dir", str(out)]), cwd=REPO, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env_for_subprocess(**env))  # fmt: skip
+    job = subprocess.Popen(
+        launch_cmd("ddp", [*KILL_ARGS, "--output_dir", str(out)]),
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env_for_subprocess(**env),
+    )
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").exists() or not any(r["step"] >= after_step for r in train_rows(out)):
         assert job.poll() is None and time.time() < deadline, "the job ended or stalled before the signal"
@@ -364,8 +478,9 @@ def test_a_killed_rank_ends_the_job_and_the_same_command_resumes_exactly(tmp_pat
     straight = {r["step"]: r["loss"] for r in train_rows(reference)}
     again = {r["step"]: r["loss"] for r in train_rows(out)}
     assert again == straight  # every step once, each loss bitwise equal to the uninterrupted run's
-    assert_bitwise_equal(load_file(out / "final" / "model.safetensors"),
-                         load_file(reference / "final" / "model.safetensors"))  # fmt: skip
+    assert_bitwise_equal(
+        load_file(out / "final" / "model.safetensors"), load_file(reference / "final" / "model.safetensors")
+    )
 
 
 def test_a_frozen_rank_ends_the_job_after_collective_timeout_s(tmp_path):
@@ -394,8 +509,12 @@ def test_an_fp16_fault_leaves_the_grad_scaler_as_it_was():
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.AdamW(model.parameters())
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    acc = SimpleNamespace(mixed_precision="fp16", scaler=scaler, num_processes=1,
-                          distributed_type=SimpleNamespace(name="MULTI_CPU"))  # fmt: skip
+    acc = SimpleNamespace(
+        mixed_precision="fp16",
+        scaler=scaler,
+        num_processes=1,
+        distributed_type=SimpleNamespace(name="MULTI_CPU"),
+    )
     guard = NonfiniteGuard(acc)
     before = [p.detach().clone() for p in model.parameters()]
     scaler.scale(model(torch.ones(2, 4)).sum() * float("nan")).backward()

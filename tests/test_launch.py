@@ -249,8 +249,17 @@ def test_deepspeed_precision_and_optimizer_sections_that_contradict_dtrain():
     assert any('"optimizer" section' in p and "--optim" in p for p in problems)
     assert any('"scheduler" section' in p for p in problems)
     # without --train.mixed_precision the JSON decides the precision: no contradiction
-    assert not any("bf16" in p for p in launch.preflight(_zero2_with(bf16={"enabled": True}), parse_config([]),
-                                                         gpus=2, cpu=True, gpus_present=0, bf16_ok=False))  # fmt: skip
+    assert not any(
+        "bf16" in p
+        for p in launch.preflight(
+            _zero2_with(bf16={"enabled": True}),
+            parse_config([]),
+            gpus=2,
+            cpu=True,
+            gpus_present=0,
+            bf16_ok=False,
+        )
+    )
 
 
 def test_single_gpu_profile_on_several_nodes(capsys):
@@ -259,8 +268,18 @@ def test_single_gpu_profile_on_several_nodes(capsys):
         launch.load_profile("single_gpu"), cfg, gpus=1, cpu=True, gpus_present=0, bf16_ok=False, nodes=2
     )
     assert len(problems) == 1 and "--nodes 2" in problems[0] and "one machine" in problems[0]
-    line = _refused(capsys, "single_gpu", "--cpu", "--gpus", "1", "--nodes", "2", "--main-address", "10.0.0.1",
-                    "--dry-run")  # fmt: skip
+    line = _refused(
+        capsys,
+        "single_gpu",
+        "--cpu",
+        "--gpus",
+        "1",
+        "--nodes",
+        "2",
+        "--main-address",
+        "10.0.0.1",
+        "--dry-run",
+    )
     assert "--nodes 2" in line and "ddp" in line
 
 
@@ -294,8 +313,9 @@ def test_deepspeed_json_that_turns_off_the_engines_nonfinite_check(section, key)
     assert len(problems) == 1 and f"{section}.{key}=false" in problems[0] and "NaN" in problems[0]
     # fp16: DeepSpeed's loss scaler checks every step whatever these say
     fp16 = parse_config(["--train.mixed_precision", "fp16"])
-    assert not any(key in p for p in launch.preflight(profile, fp16, gpus=2, cpu=True, gpus_present=0,
-                                                       bf16_ok=False))  # fmt: skip
+    assert not any(
+        key in p for p in launch.preflight(profile, fp16, gpus=2, cpu=True, gpus_present=0, bf16_ok=False)
+    )
 
 
 def test_the_rank_that_caused_a_failure_is_the_one_named():
@@ -315,7 +335,6 @@ def test_the_rank_that_caused_a_failure_is_the_one_named():
 
     assert root_failure(failed(r0=(-15, 100), r1=(2, 100)))[0] == 1  # a user error, the other rank stopped
     assert root_failure(failed(r0=(69, 100), r1=(-9, 100)))[0] == 1  # killed; rank 0 lost it
-    assert (
-        root_failure(failed(r0=(69, 100), r1=(-9, 130)))[0] == 0
-    )  # frozen: rank 0 timed out, then rank 1 killed
+    # frozen: rank 0 timed out, then rank 1 killed
+    assert root_failure(failed(r0=(69, 100), r1=(-9, 130)))[0] == 0
     assert root_failure(failed(r0=(-15, 100), r1=(-11, 101)))[0] == 1  # a segfault, not the teardown

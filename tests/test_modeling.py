@@ -93,8 +93,15 @@ def test_flops_per_token_counts_matmuls_without_the_input_embedding_plus_attenti
 
     from dtrain.modeling import flops_per_token
 
-    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     model = transformers.LlamaForCausalLM(config)
     params = sum(p.numel() for p in model.parameters())
     non_embedding = params - model.model.embed_tokens.weight.numel()

@@ -154,9 +154,23 @@ def test_isolation_guard_passes_the_real_forward_and_catches_both_traps(tok):
 # --------------------------------------------------------------------------------------------
 
 STEPS = 120
-PACKED = [*TINY, "--data.packing", "true", "--train.max_steps", str(STEPS), "--checkpoint.save_steps", "20",
-          "--eval.steps", "0", "--eval.num_generate", "0", "--log.every_steps", "1",
-          "--data.synthetic_train_examples", "2000"]  # fmt: skip
+PACKED = [
+    *TINY,
+    "--data.packing",
+    "true",
+    "--train.max_steps",
+    str(STEPS),
+    "--checkpoint.save_steps",
+    "20",
+    "--eval.steps",
+    "0",
+    "--eval.num_generate",
+    "0",
+    "--log.every_steps",
+    "1",
+    "--data.synthetic_train_examples",
+    "2000",
+]
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +224,13 @@ def gpt2_dir_and_data(tmp_path_factory):
     for i in range(48):
         n = 1 + int(rng.paretovariate(1.5))  # mostly one or two words, a few long ones
         text = " ".join(rng.choice(words) for _ in range(min(n, 12)))
-        rows.append({"instruction": "Repeat the words." if i % 2 else "Say them in capitals.", "input": text,
-                     "output": text if i % 2 else text.upper()})  # fmt: skip
+        rows.append(
+            {
+                "instruction": "Repeat the words." if i % 2 else "Say them in capitals.",
+                "input": text,
+                "output": text if i % 2 else text.upper(),
+            }
+        )
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = bpe_tokenizer([r["instruction"] + r["input"] + r["output"] for r in rows], pad=False)
@@ -221,10 +240,30 @@ def gpt2_dir_and_data(tmp_path_factory):
 @pytest.mark.slow
 def test_packed_pretrained_gpt2_agrees_across_profiles(gpt2_dir_and_data, tmp_path):
     model, data = gpt2_dir_and_data
-    args = ["--model.name_or_path", str(model), "--data.path", str(data), "--data.template", "alpaca",
-            "--data.packing", "true", "--data.max_length", "256", "--train.max_steps", "4", "--checkpoint.save_steps", "0",
-            "--eval.steps", "0",
-            "--eval.num_generate", "0", "--log.every_steps", "1", "--log.progress_bar", "false"]  # fmt: skip
+    args = [
+        "--model.name_or_path",
+        str(model),
+        "--data.path",
+        str(data),
+        "--data.template",
+        "alpaca",
+        "--data.packing",
+        "true",
+        "--data.max_length",
+        "256",
+        "--train.max_steps",
+        "4",
+        "--checkpoint.save_steps",
+        "0",
+        "--eval.steps",
+        "0",
+        "--eval.num_generate",
+        "0",
+        "--log.every_steps",
+        "1",
+        "--log.progress_bar",
+        "false",
+    ]
     assert_ok(
         run_train([*args, "--train.per_device_batch_size", "4", "--output_dir", str(tmp_path / "single")])
     )

@@ -24,8 +24,22 @@ from safetensors.torch import load_file
 
 from dtrain.tasks import build_char_tokenizer
 
-LORA = ["--peft.method", "lora", "--peft.r", "8", "--peft.alpha", "16", "--train.max_steps", "6",
-        "--eval.num_generate", "0", "--eval.num_samples", "0", "--optim.lr", "1e-2"]  # fmt: skip
+LORA = [
+    "--peft.method",
+    "lora",
+    "--peft.r",
+    "8",
+    "--peft.alpha",
+    "16",
+    "--train.max_steps",
+    "6",
+    "--eval.num_generate",
+    "0",
+    "--eval.num_samples",
+    "0",
+    "--optim.lr",
+    "1e-2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +47,33 @@ def base_dir(tmp_path_factory) -> Path:
     """A user's Qwen2 directory (tied embeddings, biases on q/k/v) saved with the character tokenizer."""
     root = tmp_path_factory.mktemp("qwen2_base")
     words = ["apple", "river", "stone", "cloud", "maple", "tiger", "lemon", "piano"]
-    rows = [{"instruction": "Write the word in capitals.", "input": w * (1 + i % 3), "output": (w * (1 + i % 3)).upper()}
-            for i, w in enumerate(words * 8)]  # fmt: skip
+    rows = [
+        {
+            "instruction": "Write the word in capitals.",
+            "input": w * (1 + i % 3),
+            "output": (w * (1 + i % 3)).upper(),
+        }
+        for i, w in enumerate(words * 8)
+    ]
     (root.parent / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return save_pretrained_dir(root / "model", "qwen2", build_char_tokenizer(), seed=3)
 
 
 def lora_args(base: Path, out: Path, *extra: str) -> list[str]:
     data = Path(base).parent.parent / "data.jsonl"
-    return [*TINY, *LORA, "--model.name_or_path", str(base), "--data.path", str(data), "--data.template", "alpaca",
-            "--output_dir", str(out), *extra]  # fmt: skip
+    return [
+        *TINY,
+        *LORA,
+        "--model.name_or_path",
+        str(base),
+        "--data.path",
+        str(data),
+        "--data.template",
+        "alpaca",
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +90,10 @@ def test_only_the_adapters_train_and_the_startup_line_says_how_many(single, base
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))  # fmt: skip
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir),
+        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     assert info["trainable_parameters"] == trainable and info["total_parameters"] == total
@@ -78,8 +111,9 @@ def test_only_the_adapters_train_and_the_startup_line_says_how_many(single, base
     merged, base = load_file(out / "final" / "model.safetensors"), load_file(base_dir / "model.safetensors")
     assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     assert torch.equal(merged["model.norm.weight"], base["model.norm.weight"])
-    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
-                           base["model.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+    assert not torch.equal(
+        merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"]
+    )
 
 
 def test_a_checkpoint_holds_the_adapters_and_their_optimizer_state_only(single):
@@ -204,8 +238,10 @@ def test_qlora_trains_adapters_on_a_4bit_base_with_checkpointing_on(qlora_single
     assert_ok(run_train(lora_args(qlora_base, lora, "--train.max_steps", "1")))
     plain = json.loads((lora / "run_info.json").read_text())["peft"]
     assert not plain["gradient_checkpointing"]
-    assert (info["trainable_parameters"], info["total_parameters"]) == (plain["trainable_parameters"],
-                                                                         plain["total_parameters"])  # fmt: skip
+    assert (info["trainable_parameters"], info["total_parameters"]) == (
+        plain["trainable_parameters"],
+        plain["total_parameters"],
+    )
     from transformers import AutoModelForCausalLM
 
     from dtrain.peft import quantization_config
@@ -260,16 +296,20 @@ def test_an_8bit_optimizer_updates_the_adapters_only(qlora_base, tmp_path):
     """Rank 64 on the 64-wide base: every adapter matrix has the 4096 elements from which bitsandbytes keeps
     8-bit state (smaller tensors keep fp32 state, by its design)."""
     out = tmp_path / "run"
-    assert_ok(run_train(lora_args(qlora_base, out, "--optim.name", "adamw_8bit", "--train.max_steps", "3",
-                                  "--peft.r", "64")))  # fmt: skip
+    assert_ok(
+        run_train(
+            lora_args(
+                qlora_base, out, "--optim.name", "adamw_8bit", "--train.max_steps", "3", "--peft.r", "64"
+            )
+        )
+    )
     rows = train_rows(out)
     first = next(r for r in rows if "optim_state_bytes_per_param" in r)
     # bitsandbytes keeps two uint8 moments (~2 bytes) per adapter parameter; the frozen base has none
     assert "uint8" in first["optim_state_dtypes"] and 1.9 < first["optim_state_bytes_per_param"] < 3.0
     info = json.loads((out / "run_info.json").read_text())["peft"]
-    assert (
-        info["trainable_parameters"] < info["total_parameters"]
-    )  # the bytes above are per adapter parameter
+    # the bytes above are per adapter parameter
+    assert info["trainable_parameters"] < info["total_parameters"]
 
 
 def test_the_lora_recipe_runs_on_the_embedded_default(tmp_path):
@@ -278,8 +318,22 @@ def test_the_lora_recipe_runs_on_the_embedded_default(tmp_path):
 
     recipe = REPO / "dtrain" / "recipes" / "sft_lora.yaml"
     out = tmp_path / "run"
-    proc = run_train(["--config", str(recipe), "--output_dir", str(out), "--train.max_steps", "2",
-                      "--data.synthetic_train_examples", "200", "--eval.num_generate", "8", "--log.progress_bar", "false"])  # fmt: skip
+    proc = run_train(
+        [
+            "--config",
+            str(recipe),
+            "--output_dir",
+            str(out),
+            "--train.max_steps",
+            "2",
+            "--data.synthetic_train_examples",
+            "200",
+            "--eval.num_generate",
+            "8",
+            "--log.progress_bar",
+            "false",
+        ]
+    )
     assert_ok(proc)
     info = json.loads((out / "run_info.json").read_text())["peft"]
     assert info["method"] == "lora" and info["modules_to_save"] == ["embed_tokens"]

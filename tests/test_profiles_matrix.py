@@ -122,8 +122,20 @@ def test_profile_trains_saves_resumes_and_exports(profile, single, tmp_path):
     ],
 )
 def test_eight_bit_state_is_really_eight_bit_and_resumes(profile, optim, tmp_path):
-    args = [*TINY, *WIDER, "--optim.name", optim, "--train.max_steps", "4", "--checkpoint.save_steps", "2",
-            "--eval.steps", "0", "--eval.num_generate", "0"]  # fmt: skip
+    args = [
+        *TINY,
+        *WIDER,
+        "--optim.name",
+        optim,
+        "--train.max_steps",
+        "4",
+        "--checkpoint.save_steps",
+        "2",
+        "--eval.steps",
+        "0",
+        "--eval.num_generate",
+        "0",
+    ]
     out = tmp_path / "run"
     assert_ok(dtrain_launch(profile, [*args, "--output_dir", str(out)]))
     first = train_rows(out)[0]

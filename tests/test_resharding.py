@@ -105,8 +105,19 @@ def test_zero3_checkpoint_on_another_world_size_or_stage_is_refused(tmp_path):
     ckpt = src / "checkpoints" / "step-00000003"
     marker = json.loads((ckpt / "dtrain_checkpoint.json").read_text())
     assert marker["zero_stage"] == 3 and marker["profile"] == "zero3"
-    proc = dtrain_launch("zero3", [*SHAPE, "--train.per_device_batch_size", "2", "--output_dir", str(tmp_path / "four"),
-                                   "--checkpoint.resume", str(ckpt)], gpus=4)  # fmt: skip
+    proc = dtrain_launch(
+        "zero3",
+        [
+            *SHAPE,
+            "--train.per_device_batch_size",
+            "2",
+            "--output_dir",
+            str(tmp_path / "four"),
+            "--checkpoint.resume",
+            str(ckpt),
+        ],
+        gpus=4,
+    )
     assert proc.returncode != 0 and not (tmp_path / "four" / "metrics.jsonl").exists()
     line = next(x for x in proc.stderr.splitlines() if x.startswith("dtrain: error:"))
     assert "holds ZeRO-3 partitions for 2 processes, this run has 4" in line
@@ -132,5 +143,18 @@ def test_deepspeed_checkpoint_in_a_non_deepspeed_run_names_the_export(tmp_path):
     from dtrain.export import export_checkpoint
 
     export_checkpoint(ckpt, tmp_path / "model")
-    assert_ok(run_train([*TINY, "--train.max_steps", "2", "--model.name_or_path", str(tmp_path / "model"),
-                         "--data.path", str(src / "data" / "train.jsonl"), "--output_dir", str(tmp_path / "new")]))  # fmt: skip
+    assert_ok(
+        run_train(
+            [
+                *TINY,
+                "--train.max_steps",
+                "2",
+                "--model.name_or_path",
+                str(tmp_path / "model"),
+                "--data.path",
+                str(src / "data" / "train.jsonl"),
+                "--output_dir",
+                str(tmp_path / "new"),
+            ]
+        )
+    )

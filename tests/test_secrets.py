@@ -18,8 +18,22 @@ SECRETS = {
 
 def test_no_secret_reaches_any_file_or_log(tmp_path):
     out = tmp_path / "run"
-    proc = run_train([*TINY, "--output_dir", str(out), "--log.report_to", "tensorboard", "--train.max_steps", "4",
-                      "--checkpoint.save_steps", "2", "--eval.steps", "2"], **SECRETS)  # fmt: skip
+    proc = run_train(
+        [
+            *TINY,
+            "--output_dir",
+            str(out),
+            "--log.report_to",
+            "tensorboard",
+            "--train.max_steps",
+            "4",
+            "--checkpoint.save_steps",
+            "2",
+            "--eval.steps",
+            "2",
+        ],
+        **SECRETS,
+    )
     assert_ok(proc)
     written = [p for p in out.rglob("*") if p.is_file()]
     kinds = {p.suffix for p in written}

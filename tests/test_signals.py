@@ -32,14 +32,28 @@ from dtrain.signals import STOP_EXIT_CODE
 pytestmark = pytest.mark.slow
 
 STEPS = 500  # long enough to signal mid-run on 2 cores; the smoke model does ~100 steps/s
-SHAPE = [*TINY, "--train.max_steps", str(STEPS), "--checkpoint.save_steps", "0", "--eval.steps", "0",
-         "--eval.num_generate", "0", "--log.every_steps", "1", "--data.synthetic_train_examples", "2000"]  # fmt: skip
+SHAPE = [
+    *TINY,
+    "--train.max_steps",
+    str(STEPS),
+    "--checkpoint.save_steps",
+    "0",
+    "--eval.steps",
+    "0",
+    "--eval.num_generate",
+    "0",
+    "--log.every_steps",
+    "1",
+    "--data.synthetic_train_examples",
+    "2000",
+]
 EXIT_BOUND_S = 60  # from the signal to every process gone
 
 
 def _start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env_for_subprocess())  # fmt: skip
+    return subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env_for_subprocess()
+    )
 
 
 def _wait_for_rows(out: Path, proc: subprocess.Popen, n: int = 3) -> None:

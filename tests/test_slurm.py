@@ -30,8 +30,21 @@ SLURM_DIR = REPO / "launch" / "slurm"
 MULTI, SINGLE = SLURM_DIR / "multi_node.sbatch", SLURM_DIR / "single_node.sbatch"
 RECIPE, FLAGS = TINY[1], TINY[2:]  # the smoke recipe (passed as RECIPE) and the flags after it
 STEPS = 300  # long enough to preempt mid-run; the smoke model runs it in seconds
-LONG = [*FLAGS, "--train.max_steps", str(STEPS), "--checkpoint.save_steps", "0", "--eval.steps", "0",
-        "--eval.num_generate", "0", "--log.every_steps", "1", "--data.synthetic_train_examples", "2000"]  # fmt: skip
+LONG = [
+    *FLAGS,
+    "--train.max_steps",
+    str(STEPS),
+    "--checkpoint.save_steps",
+    "0",
+    "--eval.steps",
+    "0",
+    "--eval.num_generate",
+    "0",
+    "--log.every_steps",
+    "1",
+    "--data.synthetic_train_examples",
+    "2000",
+]
 SHORT = [*FLAGS, "--train.max_steps", "2", "--eval.steps", "0", "--eval.num_generate", "0"]
 CPU_PROFILES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
 # One thread per rank, as torchrun sets when unset: 2 ranks x 2 threads on 2 cores run twice as slowly. The same
@@ -44,9 +57,10 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 def _launch_scripts() -> list[Path]:
     return sorted(
-        p for p in (REPO / "launch").rglob("*")
+        p
+        for p in (REPO / "launch").rglob("*")
         if p.is_file() and (p.suffix in (".sh", ".sbatch") or p.read_bytes()[:2] == b"#!")
-    )  # fmt: skip
+    )
 
 
 def test_launch_scripts_parse_and_pass_shellcheck():

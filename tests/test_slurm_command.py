@@ -18,12 +18,36 @@ def _printed(*args: str) -> tuple[dict[str, str], list[str]]:
 
 
 def test_multi_node_gpu_job():
-    env, cmd = _printed("fsdp", "--nodes", "2", "--gpus-per-node", "8", "--time", "24:00:00", "--partition",
-                        "gpu", "--account", "proj", "--dry-run", "--", "--train.max_steps", "1000",
-                        "--optim.lr", "1e-4")  # fmt: skip
-    assert cmd == ["sbatch", "--nodes=2", "--ntasks-per-node=1", "--job-name=dtrain-fsdp", "--gres=gpu:8",
-                   "--time=24:00:00", "--partition=gpu", "--account=proj",
-                   str(REPO / "launch" / "slurm" / "multi_node.sbatch")]  # fmt: skip
+    env, cmd = _printed(
+        "fsdp",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "8",
+        "--time",
+        "24:00:00",
+        "--partition",
+        "gpu",
+        "--account",
+        "proj",
+        "--dry-run",
+        "--",
+        "--train.max_steps",
+        "1000",
+        "--optim.lr",
+        "1e-4",
+    )
+    assert cmd == [
+        "sbatch",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--job-name=dtrain-fsdp",
+        "--gres=gpu:8",
+        "--time=24:00:00",
+        "--partition=gpu",
+        "--account=proj",
+        str(REPO / "launch" / "slurm" / "multi_node.sbatch"),
+    ]
     assert env == {
         "PROFILE": "fsdp",
         "PYTHON": sys.executable,
@@ -34,12 +58,18 @@ def test_multi_node_gpu_job():
 
 def test_single_node_with_recipe_output_dir_and_restarts(tmp_path):
     recipe = REPO / "dtrain" / "recipes" / "smoke.yaml"
-    env, cmd = _printed("zero3", "--recipe", str(recipe), "--output-dir", "runs/x", "--max-restarts", "5",
-                        "--dry-run")  # fmt: skip
+    env, cmd = _printed(
+        "zero3", "--recipe", str(recipe), "--output-dir", "runs/x", "--max-restarts", "5", "--dry-run"
+    )
     assert cmd[-1].endswith("single_node.sbatch") and "--nodes=1" in cmd
     assert not any(c.startswith("--gres") for c in cmd)  # no GPUs asked: the node's CPUs (CPU rehearsal)
-    assert env == {"PROFILE": "zero3", "PYTHON": sys.executable, "RECIPE": str(recipe), "OUTPUT_DIR": "runs/x",
-                   "MAX_RESTARTS": "5"}  # fmt: skip
+    assert env == {
+        "PROFILE": "zero3",
+        "PYTHON": sys.executable,
+        "RECIPE": str(recipe),
+        "OUTPUT_DIR": "runs/x",
+        "MAX_RESTARTS": "5",
+    }
 
 
 def test_bad_flags_are_refused_before_submitting():

@@ -214,8 +214,17 @@ def test_gradient_accumulation_bf16_and_unclipped_norm(tmp_path):
 def test_compile_trains_the_same_losses(tmp_path):
     """--train.compile: Accelerate's regional compilation of the decoder layers (inductor, CPU here; about
     a minute to compile on 2 cores). The losses are those of the eager model, to rounding."""
-    shape = [*TINY, "--train.max_steps", "3", "--eval.steps", "0", "--eval.num_generate", "0",
-             "--checkpoint.save_steps", "0"]  # fmt: skip
+    shape = [
+        *TINY,
+        "--train.max_steps",
+        "3",
+        "--eval.steps",
+        "0",
+        "--eval.num_generate",
+        "0",
+        "--checkpoint.save_steps",
+        "0",
+    ]
     assert_ok(run_train([*shape, "--output_dir", str(tmp_path / "eager")]))
     assert_ok(run_train([*shape, "--output_dir", str(tmp_path / "compiled"), "--train.compile", "true"]))
     info = json.loads((tmp_path / "compiled" / "run_info.json").read_text())
@@ -295,11 +304,32 @@ def test_windows_without_a_target_token_are_skipped_and_counted(tmp_path, tiny_m
     eval_data.write_text(json.dumps(reply) + "\n")
     out = tmp_path / "run"
     steps = 12
-    proc = run_train(["--model.name_or_path", str(tiny_model_dir), "--data.path", str(data),
-                      "--data.eval_path", str(eval_data), "--output_dir", str(out), "--log.every_steps", "1",
-                      "--train.max_steps", str(steps), "--train.per_device_batch_size", "1",
-                      "--eval.steps", "0", "--eval.num_generate", "0", "--checkpoint.save_steps", "0",
-                      "--log.progress_bar", "false"])  # fmt: skip
+    proc = run_train(
+        [
+            "--model.name_or_path",
+            str(tiny_model_dir),
+            "--data.path",
+            str(data),
+            "--data.eval_path",
+            str(eval_data),
+            "--output_dir",
+            str(out),
+            "--log.every_steps",
+            "1",
+            "--train.max_steps",
+            str(steps),
+            "--train.per_device_batch_size",
+            "1",
+            "--eval.steps",
+            "0",
+            "--eval.num_generate",
+            "0",
+            "--checkpoint.save_steps",
+            "0",
+            "--log.progress_bar",
+            "false",
+        ]
+    )
     assert_ok(proc)
     assert "3 of 6 train examples (50.0%) have no token to learn" in proc.stdout
     order = DataOrder(len(rows), 42)

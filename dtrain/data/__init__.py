@@ -126,7 +126,6 @@ class Data:
             tokens=np.bincount(src, weights=tokens, minlength=k).astype(np.int64),
         )
 
-
     def mix(self, positions: int) -> str:
         """The start-up line of a mixture: each source's token share and how many of its epochs the run
         reads (above 1: oversampled, reshuffled each epoch; below 1: undersampled)."""
@@ -143,10 +142,14 @@ class Data:
             return {}
         total = max(1, sum(source_tokens))
         return {
-            n: {"rows": r, "tokens": t, "token_share": round(t / total, 4),
-                "target_share": self.stats["sources"][n]["target_share"]}
+            n: {
+                "rows": r,
+                "tokens": t,
+                "token_share": round(t / total, 4),
+                "target_share": self.stats["sources"][n]["target_share"],
+            }
             for n, r, t in zip(self.names, source_rows, source_tokens, strict=True)
-        }  # fmt: skip
+        }
 
 
 def load_run_data(cfg: Config, tokenizer, accelerator) -> Data:
@@ -155,8 +158,14 @@ def load_run_data(cfg: Config, tokenizer, accelerator) -> Data:
     memory-mapped on every rank."""
     sources, flags = run_sources(cfg)
     embedded = cfg.data.path is None and not cfg.data.sources and cfg.data.prepared is None
-    prepared = prepare_once(cfg, tokenizer, accelerator, sources, flags,
-                            before=(lambda: write_embedded_data(cfg)) if embedded else None)  # fmt: skip
+    prepared = prepare_once(
+        cfg,
+        tokenizer,
+        accelerator,
+        sources,
+        flags,
+        before=(lambda: write_embedded_data(cfg)) if embedded else None,
+    )
     data = assemble(cfg, prepared, sources)
     data.cache, data.created = prepared.cache, prepared.created
     return data
@@ -170,30 +179,49 @@ def assemble(cfg: Config, prepared: Prepared, sources: list[SourceConfig]) -> Da
     weights = [float(weights_by_name.get(n, 1.0)) for n in names]
     train = TrainRows(prepared.train)
     sizes = [len(s) for s in prepared.train]
-    mean_tokens = [m["sources_data"][n]["train"]["tokens"] / max(1, len(s)) for n, s in zip(names, prepared.train, strict=True)]  # fmt: skip
+    mean_tokens = [
+        m["sources_data"][n]["train"]["tokens"] / max(1, len(s))
+        for n, s in zip(names, prepared.train, strict=True)
+    ]
     from dtrain.data.blend import row_shares
 
     shares = row_shares(weights, mean_tokens)
     order = DataOrder(sizes, cfg.train.seed, shares if len(names) > 1 else None)
     info = [m["sources_data"][n] for n in names]
     total = lambda part, key: sum((i[part] or {}).get(key, 0) for i in info)  # noqa: E731
-    stats = {"train_documents": total("train", "documents"), "train_examples": total("train", "examples"),
-             "train_tokens": total("train", "tokens"), "train_truncated": total("train", "truncated"),
-             "train_without_target": total("train", "without_target"),
-             "longest_example": max(max(i["train"]["longest"], (i["eval"] or {}).get("longest", 0)) for i in info),
-             "tokenize_cache": prepared.manifest.get("cache", "prepared")}  # fmt: skip
+    stats = {
+        "train_documents": total("train", "documents"),
+        "train_examples": total("train", "examples"),
+        "train_tokens": total("train", "tokens"),
+        "train_truncated": total("train", "truncated"),
+        "train_without_target": total("train", "without_target"),
+        "longest_example": max(max(i["train"]["longest"], (i["eval"] or {}).get("longest", 0)) for i in info),
+        "tokenize_cache": prepared.manifest.get("cache", "prepared"),
+    }
     if cfg.data.packing:
-        stats.update(packed_rows=len(train), packing_fill=round(stats["train_tokens"] / max(1, len(train) * cfg.data.max_length), 4))  # fmt: skip
+        stats.update(
+            packed_rows=len(train),
+            packing_fill=round(stats["train_tokens"] / max(1, len(train) * cfg.data.max_length), 4),
+        )
     if prepared.eval:
-        stats.update(eval_documents=total("eval", "documents"), eval_examples=total("eval", "examples"),
-                     eval_truncated=total("eval", "truncated"))  # fmt: skip
+        stats.update(
+            eval_documents=total("eval", "documents"),
+            eval_examples=total("eval", "examples"),
+            eval_truncated=total("eval", "truncated"),
+        )
     if len(names) > 1:
         wsum = sum(weights)
         stats["sources"] = {
-            n: {"weight": w, "target_share": round(w / wsum, 4), "row_share": round(float(r), 4),
-                "rows": sz, "tokens": i["train"]["tokens"], "documents": i["train"]["documents"]}
+            n: {
+                "weight": w,
+                "target_share": round(w / wsum, 4),
+                "row_share": round(float(r), 4),
+                "rows": sz,
+                "tokens": i["train"]["tokens"],
+                "documents": i["train"]["documents"],
+            }
             for n, w, r, sz, i in zip(names, weights, shares, sizes, info, strict=True)
-        }  # fmt: skip
+        }
     warnings = check_targets(stats["train_examples"], stats["train_without_target"], cfg.data.max_length)
     chat = next((i.get("chat_template") for i in info if i.get("chat_template")), None)
     return Data(train, prepared.eval, order, names, weights, prepared.generate, stats, warnings, chat)
@@ -215,5 +243,14 @@ def check_targets(examples: int, without: int, max_length: int) -> list[str]:
     ]
 
 
-__all__ = ["Data", "DataOrder", "FORMAT_VERSION", "TrainRows", "Window", "assemble", "data_key",
-           "load_run_data", "open_prepared"]  # fmt: skip
+__all__ = [
+    "Data",
+    "DataOrder",
+    "FORMAT_VERSION",
+    "TrainRows",
+    "Window",
+    "assemble",
+    "data_key",
+    "load_run_data",
+    "open_prepared",
+]

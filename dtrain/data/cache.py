@@ -64,8 +64,9 @@ def _wait_for(signal: Path, timeout_s: int, rank: int) -> dict:
     return word
 
 
-def prepare_once(cfg: Config, tokenizer, accelerator, sources: list[SourceConfig], flags: list[str],
-                 before=None) -> Prepared:  # fmt: skip
+def prepare_once(
+    cfg: Config, tokenizer, accelerator, sources: list[SourceConfig], flags: list[str], before=None
+) -> Prepared:
     """--data.prepared DIR (checked, then mapped), or the sources prepared into a cache under
     <output_dir>/data/prepared/ by the global main process alone, reused while its manifest matches.
     `before` runs on the main process first (writing the embedded data)."""
@@ -91,16 +92,25 @@ def prepare_once(cfg: Config, tokenizer, accelerator, sources: list[SourceConfig
             manifest = manifest_matches(cache, key)
             status = "hit" if manifest is not None else "miss"
             if manifest is None:
-                others = f"; the other {accelerator.num_processes - 1} rank(s) wait for it (up to --data.prepare_timeout_s {d.prepare_timeout_s})" if accelerator.num_processes > 1 else ""  # fmt: skip
-                print(f"dtrain: preparing the data on {host} (rank 0, --data.num_proc {d.num_proc}){others}", flush=True)  # fmt: skip
+                others = (
+                    f"; the other {accelerator.num_processes - 1} rank(s) wait for it (up to --data.prepare_timeout_s {d.prepare_timeout_s})"
+                    if accelerator.num_processes > 1
+                    else ""
+                )
+                print(
+                    f"dtrain: preparing the data on {host} (rank 0, --data.num_proc {d.num_proc}){others}",
+                    flush=True,
+                )
                 manifest = write_prepared(cfg, tokenizer, sources, cache, d.num_proc, flags)
             word = {"host": host, "cache": status, "dir": cache.name}
         except UserError as exc:
             word = {"error": str(exc)}
             raise
         except BaseException as exc:
-            word = {"error": f"the main process failed to prepare the data ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())[:200]}); its own message says more"}  # fmt: skip
+            word = {
+                "error": f"the main process failed to prepare the data ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:200]}); its own message says more"
+            }
             raise
         finally:
             if accelerator.num_processes > 1:
@@ -111,7 +121,10 @@ def prepare_once(cfg: Config, tokenizer, accelerator, sources: list[SourceConfig
         word = _wait_for(signal, d.prepare_timeout_s, rank)
         status, cache = word["cache"], cache_root(root) / word["dir"]
         if accelerator.is_local_main_process:
-            print(f"dtrain: rank {rank} on {host} reads the data prepared by rank 0 on {word['host']}", flush=True)
+            print(
+                f"dtrain: rank {rank} on {host} reads the data prepared by rank 0 on {word['host']}",
+                flush=True,
+            )
         manifest = read_manifest(cache)
     prepared = open_prepared(cache, {**manifest, "cache": status}, cfg.eval.num_generate)
     prepared.cache, prepared.created = cache, status == "miss"

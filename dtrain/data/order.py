@@ -42,7 +42,9 @@ class DataOrder:
         if key not in self._perms:
             g = torch.Generator().manual_seed(_epoch_seed(self.seed, source, epoch))
             n = int(self.sizes[source])
-            self._perms[key] = torch.randperm(n, generator=g).numpy().astype(np.int32 if n < 2**31 else np.int64)
+            self._perms[key] = (
+                torch.randperm(n, generator=g).numpy().astype(np.int32 if n < 2**31 else np.int64)
+            )
             while len(self._perms) > 2 * len(self.sizes):  # an epoch boundary needs two per source
                 self._perms.popitem(last=False)
         return self._perms[key]
@@ -86,8 +88,17 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
             position += self.batch_size * self.world
 
 
-def train_loader(dataset, order: DataOrder, batch_size: int, rank: int, world_size: int, start: int,
-                 collator, num_workers: int, pin: bool):  # fmt: skip
+def train_loader(
+    dataset,
+    order: DataOrder,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    start: int,
+    collator,
+    num_workers: int,
+    pin: bool,
+):
     sampler = GlobalBatchSampler(order, batch_size, rank, world_size, start)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers, pin_memory=pin

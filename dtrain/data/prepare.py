@@ -56,9 +56,17 @@ _BATCH = 4096  # examples per Arrow batch while writing the arrays
 
 def source_data_config(data: DataConfig, s: SourceConfig) -> DataConfig:
     """The data section as one source sees it (templates and checks read a DataConfig)."""
-    return replace(data, path=s.path, eval_path=s.eval_path, sources=None, template=s.template,
-                   text_column=s.text_column, messages_column=s.messages_column,
-                   chat_template=s.chat_template, split=s.split)  # fmt: skip
+    return replace(
+        data,
+        path=s.path,
+        eval_path=s.eval_path,
+        sources=None,
+        template=s.template,
+        text_column=s.text_column,
+        messages_column=s.messages_column,
+        chat_template=s.chat_template,
+        split=s.split,
+    )
 
 
 def fingerprint(path: str | None) -> dict | None:
@@ -84,8 +92,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
     special tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    extra = json.dumps([type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id,
-                        tokenizer.pad_token_id, len(tokenizer)])  # fmt: skip
+    extra = json.dumps(
+        [
+            type(tokenizer).__name__,
+            tokenizer.bos_token_id,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            len(tokenizer),
+        ]
+    )
     return hashlib.sha256((body + extra).encode()).hexdigest()[:16]
 
 
@@ -96,12 +111,21 @@ def _text_sha(path: str | None) -> str | None:
 def source_key(s: SourceConfig) -> dict:
     """Everything about one source that changes its tokens (its weight does not: the blend is computed
     at run time)."""
-    columns = {"text": {"text_column": s.text_column}, "chat": {"messages_column": s.messages_column},
-               "alpaca": {}}[s.template]  # fmt: skip
-    return {"name": s.name, "template": s.template, **columns,
-            "chat_template_sha256": _text_sha(s.chat_template) if s.template == "chat" else None,
-            "split": s.split, "train": fingerprint(s.path), "eval": fingerprint(s.eval_path),
-            "eval_fraction": None if s.eval_path else s.eval_fraction}  # fmt: skip
+    columns = {
+        "text": {"text_column": s.text_column},
+        "chat": {"messages_column": s.messages_column},
+        "alpaca": {},
+    }[s.template]
+    return {
+        "name": s.name,
+        "template": s.template,
+        **columns,
+        "chat_template_sha256": _text_sha(s.chat_template) if s.template == "chat" else None,
+        "split": s.split,
+        "train": fingerprint(s.path),
+        "eval": fingerprint(s.eval_path),
+        "eval_fraction": None if s.eval_path else s.eval_fraction,
+    }
 
 
 def data_key(cfg: Config, tokenizer, sources: list[SourceConfig]) -> dict:
@@ -135,8 +159,10 @@ def differences(have: dict, want: dict) -> list[str]:
     """What differs between a manifest's key and this run's, in the user's words."""
     out = []
     if have.get("format_version") != want["format_version"]:
-        out.append(f"it was written by another dtrain data format ({have.get('format_version')}, this dtrain "
-                   f"writes {want['format_version']})")  # fmt: skip
+        out.append(
+            f"it was written by another dtrain data format ({have.get('format_version')}, this dtrain "
+            f"writes {want['format_version']})"
+        )
     if have.get("tokenizer") != want["tokenizer"]:
         out.append("it was tokenized by another tokenizer (--model.tokenizer / --model.name_or_path)")
     for key, flag in (("max_length", "data.max_length"), ("packing", "data.packing")):
@@ -166,8 +192,11 @@ def differences(have: dict, want: dict) -> list[str]:
 def _features(chat_like: bool):
     import datasets
 
-    f = {"input_ids": datasets.Sequence(datasets.Value("int32")), "truncated": datasets.Value("bool"),
-         "document": datasets.Value("int64")}  # fmt: skip
+    f = {
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "truncated": datasets.Value("bool"),
+        "document": datasets.Value("int64"),
+    }
     if chat_like:
         f["targets"] = datasets.Sequence(datasets.Value("uint8"))
     else:
@@ -192,9 +221,15 @@ def _tokenize(raw, tokenizer, dcfg: DataConfig, num_proc: int, desc: str, scratc
         return result
 
     scratch.parent.mkdir(parents=True, exist_ok=True)
-    return raw.map(encode, batched=True, remove_columns=raw.column_names, features=_features(chat_like),
-                   num_proc=num_proc if num_proc > 1 and len(raw) >= 2 * num_proc else None, desc=desc,
-                   cache_file_name=str(scratch))  # fmt: skip
+    return raw.map(
+        encode,
+        batched=True,
+        remove_columns=raw.column_names,
+        features=_features(chat_like),
+        num_proc=num_proc if num_proc > 1 and len(raw) >= 2 * num_proc else None,
+        desc=desc,
+        cache_file_name=str(scratch),
+    )
 
 
 def _write_split(ds, out: Path, vocab: int, packing_capacity: int | None) -> dict:
@@ -211,7 +246,9 @@ def _write_split(ds, out: Path, vocab: int, packing_capacity: int | None) -> dic
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
     tokens = open_memmap(out / "tokens.npy", mode="w+", dtype=dtype, shape=(total,))
     chat_like = "targets" in ds.column_names
-    targets = open_memmap(out / "targets.npy", mode="w+", dtype=np.uint8, shape=(total,)) if chat_like else None
+    targets = (
+        open_memmap(out / "targets.npy", mode="w+", dtype=np.uint8, shape=(total,)) if chat_like else None
+    )
     has_target = np.zeros(n, dtype=bool)
     truncated = 0
     for first in range(0, n, _BATCH):
@@ -224,24 +261,40 @@ def _write_split(ds, out: Path, vocab: int, packing_capacity: int | None) -> dic
             targets[a:b] = flags
             csum = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
             starts = offsets[first : first + len(lens)] - a
-            has_target[first : first + len(lens)] = (csum[starts + lens] - csum[np.minimum(starts + 1, starts + lens)]) > 0  # fmt: skip
+            has_target[first : first + len(lens)] = (
+                csum[starts + lens] - csum[np.minimum(starts + 1, starts + lens)]
+            ) > 0
         else:
-            has_target[first : first + len(lens)] = batch["trained"].to_numpy(zero_copy_only=False) & (lens > 1)
+            has_target[first : first + len(lens)] = batch["trained"].to_numpy(zero_copy_only=False) & (
+                lens > 1
+            )
         truncated += int(pc.sum(batch["truncated"]).as_py() or 0)
     tokens.flush()
     if targets is not None:
         targets.flush()
     np.save(out / "offsets.npy", offsets)
     np.save(out / "has_target.npy", has_target)
-    stats = {"examples": n, "tokens": total, "truncated": truncated,
-             "without_target": int(n - has_target.sum()), "longest": int(lengths.max()) if n else 0}  # fmt: skip
+    stats = {
+        "examples": n,
+        "tokens": total,
+        "truncated": truncated,
+        "without_target": int(n - has_target.sum()),
+        "longest": int(lengths.max()) if n else 0,
+    }
     if packing_capacity is not None:
         row_offsets, row_items = best_fit_decreasing(lengths, packing_capacity)
         np.save(out / "row_offsets.npy", row_offsets)
         np.save(out / "row_items.npy", row_items.astype(np.int32 if n < 2**31 else np.int64))
         row_tokens = np.add.reduceat(lengths[row_items], row_offsets[:-1]) if n else np.zeros(0, np.int64)
-        row_has = np.add.reduceat(has_target[row_items].astype(np.int64), row_offsets[:-1]) > 0 if n else np.zeros(0, bool)  # fmt: skip
-        stats.update(rows=len(row_offsets) - 1, fill=round(total / max(1, (len(row_offsets) - 1) * packing_capacity), 4))  # fmt: skip
+        row_has = (
+            np.add.reduceat(has_target[row_items].astype(np.int64), row_offsets[:-1]) > 0
+            if n
+            else np.zeros(0, bool)
+        )
+        stats.update(
+            rows=len(row_offsets) - 1,
+            fill=round(total / max(1, (len(row_offsets) - 1) * packing_capacity), 4),
+        )
     else:
         row_tokens, row_has = lengths, has_target
         stats["rows"] = n
@@ -283,9 +336,15 @@ def prepare_source(cfg: Config, s: SourceConfig, tokenizer, out: Path, num_proc:
             f"--{flag}path '{s.path}' keeps a token to learn (no response, or a response that starts beyond "
             "max_length); raise --data.max_length or check that the data has responses"
         )
-    result = {"train": info, "eval": None, "chat_template": tok.chat_template if s.template == "chat" else None}
+    result = {
+        "train": info,
+        "eval": None,
+        "chat_template": tok.chat_template if s.template == "chat" else None,
+    }
     if raw_eval is not None and len(raw_eval):
-        evalset = _tokenize(raw_eval, tok, dcfg, num_proc, f"tokenizing {s.name} eval", scratch / "eval.arrow")
+        evalset = _tokenize(
+            raw_eval, tok, dcfg, num_proc, f"tokenizing {s.name} eval", scratch / "eval.arrow"
+        )
         result["eval"] = {"documents": len(raw_eval), **_write_split(evalset, out / "eval", vocab, None)}
         del evalset
         items = []
@@ -299,8 +358,9 @@ def prepare_source(cfg: Config, s: SourceConfig, tokenizer, out: Path, num_proc:
     return result
 
 
-def write_prepared(cfg: Config, tokenizer, sources: list[SourceConfig], out: Path, num_proc: int,
-                   flags: list[str], say=print) -> dict:  # fmt: skip
+def write_prepared(
+    cfg: Config, tokenizer, sources: list[SourceConfig], out: Path, num_proc: int, flags: list[str], say=print
+) -> dict:
     """Tokenize and pack every source into out, atomically: written under a temporary name, the manifest
     last, then renamed. Returns the manifest."""
     out = out.expanduser()
@@ -309,8 +369,12 @@ def write_prepared(cfg: Config, tokenizer, sources: list[SourceConfig], out: Pat
     tmp.mkdir(parents=True)
     started = time.perf_counter()
     try:
-        manifest = {**data_key(cfg, tokenizer, sources), "sources_data": {}, "weights": {},
-                    "host": node_name()}  # fmt: skip
+        manifest = {
+            **data_key(cfg, tokenizer, sources),
+            "sources_data": {},
+            "weights": {},
+            "host": node_name(),
+        }
         for s, flag in zip(sources, flags, strict=True):
             manifest["sources_data"][s.name] = prepare_source(cfg, s, tokenizer, tmp / s.name, num_proc, flag)
             manifest["weights"][s.name] = s.weight
@@ -323,8 +387,10 @@ def write_prepared(cfg: Config, tokenizer, sources: list[SourceConfig], out: Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     tokens = sum(v["train"]["tokens"] for v in manifest["sources_data"].values())
-    say(f"dtrain: prepared {len(sources)} source(s), {tokens:,} train tokens, in {manifest['seconds']:.1f} s "
-        f"-> {out}")  # fmt: skip
+    say(
+        f"dtrain: prepared {len(sources)} source(s), {tokens:,} train tokens, in {manifest['seconds']:.1f} s "
+        f"-> {out}"
+    )
     return manifest
 
 
@@ -442,7 +508,9 @@ def open_prepared(path: Path, manifest: dict, num_generate: int) -> Prepared:
         g = path / n / "generate.json"
         items = json.loads(g.read_text()) if g.is_file() else []
         if len(names) > 1:
-            items = [{**it, "task": n if it.get("task") in (None, "all") else f"{n}/{it['task']}"} for it in items]
+            items = [
+                {**it, "task": n if it.get("task") in (None, "all") else f"{n}/{it['task']}"} for it in items
+            ]
         generate += items
     return Prepared(path, manifest, names, train, evals, generate[:num_generate])
 
@@ -527,6 +595,9 @@ def prepare_main(argv: list[str]) -> int:
     for name, info in manifest["sources_data"].items():
         t = info["train"]
         fill = f", {t['rows']:,} packed rows ({t['fill']:.1%} full)" if "fill" in t else ""
-        print(f"dtrain:   {name}: {info['train']['documents']:,} documents -> {t['examples']:,} examples, "
-              f"{t['tokens']:,} tokens{fill}" + (f"; eval {info['eval']['examples']:,} examples" if info["eval"] else ""))  # fmt: skip
+        print(
+            f"dtrain:   {name}: {info['train']['documents']:,} documents -> {t['examples']:,} examples, "
+            f"{t['tokens']:,} tokens{fill}"
+            + (f"; eval {info['eval']['examples']:,} examples" if info["eval"] else "")
+        )
     return 0

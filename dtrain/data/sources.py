@@ -509,10 +509,17 @@ def run_sources(cfg: Config) -> tuple[list[SourceConfig], list[str]]:
         return resolved_sources(cfg.data), ["data."]
     data_dir = Path(cfg.output_dir) / "data"
     d = cfg.data
-    synthetic = SourceConfig(path=str(data_dir / "train.jsonl"), eval_path=str(data_dir / "eval.jsonl"),
-                             name="synthetic", template=d.template, text_column=d.text_column,
-                             messages_column=d.messages_column, chat_template=d.chat_template, split=d.split,
-                             eval_fraction=d.eval_fraction)  # fmt: skip
+    synthetic = SourceConfig(
+        path=str(data_dir / "train.jsonl"),
+        eval_path=str(data_dir / "eval.jsonl"),
+        name="synthetic",
+        template=d.template,
+        text_column=d.text_column,
+        messages_column=d.messages_column,
+        chat_template=d.chat_template,
+        split=d.split,
+        eval_fraction=d.eval_fraction,
+    )
     return [synthetic], ["data."]
 
 
@@ -520,5 +527,10 @@ def write_embedded_data(cfg: Config) -> None:
     from dtrain.tasks import write_synthetic_data
 
     d = cfg.data
-    write_synthetic_data(Path(cfg.output_dir) / "data", d.synthetic_tasks, d.synthetic_train_examples,
-                         d.synthetic_eval_examples, cfg.train.seed)  # fmt: skip
+    write_synthetic_data(
+        Path(cfg.output_dir) / "data",
+        d.synthetic_tasks,
+        d.synthetic_train_examples,
+        d.synthetic_eval_examples,
+        cfg.train.seed,
+    )

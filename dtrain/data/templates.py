@@ -140,7 +140,10 @@ def _encode_chat(messages: list[dict], tokenizer) -> tuple:
     text, spans = _chat_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    labels = [tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX for tok, (start, _) in zip(ids, offsets, strict=True)]  # fmt: skip
+    labels = [
+        tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
+        for tok, (start, _) in zip(ids, offsets, strict=True)
+    ]
     reply = spans[-1][0] if spans else len(text)  # the last assistant turn is the response
     response_start = next((i for i, (start, _) in enumerate(offsets) if start >= reply), len(ids))
     content_spans = _content_spans(text, messages, reply)
@@ -169,11 +172,16 @@ def encode_batch(batch: dict[str, list], tokenizer, cfg: DataConfig) -> dict[str
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         texts = tokenizer([text_of(r[cfg.text_column]) for r in rows], add_special_tokens=True)["input_ids"]
         missing = [r[cfg.text_column] is None for r in rows]  # a null row trains nothing, not "None"
-        encoded = [(t, [IGNORE_INDEX] * len(t), [], 0) if m else (t + eos, t + eos, [], 0) for t, m in zip(texts, missing, strict=True)]  # fmt: skip
+        encoded = [
+            (t, [IGNORE_INDEX] * len(t), [], 0) if m else (t + eos, t + eos, [], 0)
+            for t, m in zip(texts, missing, strict=True)
+        ]
     out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "document": []}
     for doc, (ids, labels, content, response_start) in enumerate(encoded):
         if cfg.template == "text":
-            pieces = list(zip(split_pieces(ids, cfg.max_length), split_pieces(labels, cfg.max_length), strict=True))
+            pieces = list(
+                zip(split_pieces(ids, cfg.max_length), split_pieces(labels, cfg.max_length), strict=True)
+            )
         else:
             pieces = [fit(ids, labels, content, response_start, cfg.max_length)]
         for piece_ids, piece_labels in pieces:
