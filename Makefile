@@ -25,13 +25,15 @@ train: $(VENV)/.stamp-base  ## the embedded default run (no network, ~3 min on 2
 	$(PY) dtrain/train.py $(ARGS)
 
 test: $(VENV)/.stamp-dev  ## the whole suite, multi-process cases included
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 bench: $(VENV)/.stamp-dev  ## dtrain beside Trainer and minimal loops, one run (bench/run.py; ARGS=--quick or --gpu)
 	$(PY) bench/run.py $(ARGS)
 
-lint: $(VENV)/.stamp-dev
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+lint: $(VENV)/.stamp-dev  ## ruff check, ruff format --check, mypy (versions pinned in the dev extra)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
