@@ -155,7 +155,8 @@ def compare_configs(
 ) -> tuple[list, list]:
     """(breaking, harmless) differences between a checkpoint's run and this one, as 'key a -> b' strings."""
     old, new, defaults = flatten(saved), flatten(cfg), flatten(Config())
-    breaking, harmless = [], []
+    breaking: list[str] = []
+    harmless: list[str] = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if a == b or (key not in old and b == defaults.get(key)):
@@ -309,7 +310,9 @@ def _rng_state() -> dict:
     array travels as an int64 tensor."""
     import numpy as np
 
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = np.random.get_state(legacy=True)  # the default; numpy's stubs type a bare call as legacy=False
+    assert isinstance(state, tuple)  # the global generator is MT19937: its legacy state is a tuple
+    name, keys, pos, has_gauss, gauss = state
     return {
         "python": random.getstate(),
         "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
@@ -400,7 +403,7 @@ def _why(error: BaseException | None, root: Path, previous: list[Path]) -> str:
     if error is None:
         return "another rank failed"
     if isinstance(error, CheckpointException) and error.failures:  # DCP: the first rank's own error
-        error = next(iter(error.failures.values()))
+        error = next(iter(error.failures.values()))[0]  # (exception, traceback summary) pairs
     cause = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
     need = sum(f["bytes"] for f in read_marker(previous[-1])["files"]) if previous else 0
     free = shutil.disk_usage(root).free if root.exists() else 0
@@ -449,7 +452,7 @@ class Checkpointer:
         if (final / MARKER).is_file() and verify(final) is None:
             return final  # this step is already committed (a run resumed at its last step)
         tmp = self.root / f"{TMP_PREFIX}{final.name}"
-        error = None
+        error: BaseException | None = None
         if acc.is_main_process:
             try:
                 if tmp.exists():

@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command in ("train", "prepare", "export"):  # these import torch and the Hugging Face libraries
+        from dtrain import quiet
+
+        quiet.install()
     if command == "train":
         from dtrain.train import run
 

@@ -334,6 +334,7 @@ def build_parser():
         "both `--train.max_steps 50` and `--train.max_steps=50` work.",
         exit_on_error=False,
         default_meta=False,
+        allow_abbrev=False,  # `--train.max_step` is a typo, not --train.max_steps
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML recipe (e.g. a run's config.yaml).")
     top = {f.name: f for f in fields(Config)}
@@ -664,6 +665,7 @@ def _check_sources(d: DataConfig, p: list[str]) -> None:
     seen: dict[str, str] = {}
     for i, s in enumerate(resolved_sources(d)):
         where = f"--data.sources[{i}]" if d.sources else "--data.path"
+        assert s.name is not None and s.eval_fraction is not None  # filled in by resolved_sources
         if not (isinstance(s.weight, (int, float)) and s.weight > 0) or s.weight != s.weight:
             p.append(f"{where}.weight must be a number > 0 (got {s.weight}); a weight is the source's share")
         if s.name in seen:
@@ -748,9 +750,9 @@ def validate(cfg: Config) -> list[str]:
         p.append("set one of --train.max_steps or --train.num_epochs")
     if t.max_steps is not None and t.num_epochs is not None:
         p.append("can't use both --train.max_steps and --train.num_epochs; set one to null")
-    for name, value in (("optim.warmup_ratio", o.warmup_ratio), ("optim.min_lr_ratio", o.min_lr_ratio)):
-        if not 0.0 <= value < 1.0:
-            p.append(f"--{name} must be in [0, 1) (got {value})")
+    for name, ratio in (("optim.warmup_ratio", o.warmup_ratio), ("optim.min_lr_ratio", o.min_lr_ratio)):
+        if not 0.0 <= ratio < 1.0:
+            p.append(f"--{name} must be in [0, 1) (got {ratio})")
     if not 0.0 < o.decay_fraction <= 1.0:
         p.append(f"--optim.decay_fraction must be in (0, 1] (got {o.decay_fraction})")
     if not 0.0 <= d.eval_fraction < 1.0:
@@ -835,7 +837,7 @@ SYNTHETIC_TASKS = ("reverse", "sort", "add", "upper", "copy")
 
 def flatten(obj, prefix: str = "") -> dict:
     """{"train": {"lr": 1}} -> {"train.lr": 1}; for trackers, which want flat scalars."""
-    if is_dataclass(obj):
+    if is_dataclass(obj) and not isinstance(obj, type):
         obj = asdict(obj)
     out = {}
     for key, value in obj.items():

@@ -85,7 +85,8 @@ def build_model(ckpt: Path, state_dict: dict[str, torch.Tensor]):
 
         model_class = get_class_from_dynamic_module(ref, str(hf))
     else:
-        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+        # transformers annotates its lazy auto mapping's values as pairs; a model mapping's are classes
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]  # type: ignore[assignment]
     with torch.device("meta"):
         model = model_class(config)
     unexpected = model.load_state_dict(state_dict, strict=False, assign=True).unexpected_keys
@@ -169,8 +170,10 @@ def export_final(accelerator, checkpoint: Path, out_dir: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dtrain export", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dtrain export", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     parser.add_argument(
         "checkpoint", type=Path, help="a checkpoint directory (step-..., best) or a run directory"
     )
@@ -192,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         help="for a --peft.method run: write the PEFT adapter directory (PeftModel.from_pretrained) instead of "
         "the base with the adapters merged in",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         ckpt = export_checkpoint(
             args.checkpoint, args.out_dir, args.dtype, args.max_shard_size, args.overwrite, args.adapter_only

@@ -276,7 +276,9 @@ def split_train_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     argv, train_args = split_train_args(argv)
-    parser = argparse.ArgumentParser(prog="dtrain launch", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="dtrain launch", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     parser.add_argument(
         "profile", help=f"one of {', '.join(list_profiles())}, or a path to an accelerate config YAML"
     )

@@ -137,8 +137,8 @@ class MetricsLogger:
     def train_row(
         self,
         step: int,
-        sums: dict[str, float],
-        lr: float,
+        sums: dict,  # StepStats.pop: the float sums and `peak_memory`, a list
+        lr: float | None,
         grad_norm: float | None,
         epoch: float,
         tokens_seen: int,

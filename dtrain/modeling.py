@@ -92,7 +92,8 @@ def build_model(
         )
         if cfg.attn_implementation:
             config._attn_implementation = cfg.attn_implementation
-        model = LlamaForCausalLM(config).to(_DTYPES[cfg.dtype])
+        # transformers wraps `to` with functools.wraps, which mypy then reads as unbound (self = the dtype)
+        model = LlamaForCausalLM(config).to(_DTYPES[cfg.dtype])  # type: ignore[arg-type]
     else:
         from transformers import AutoModelForCausalLM
 

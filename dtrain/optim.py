@@ -15,13 +15,12 @@ from dtrain.config import OptimConfig, UserError
 
 
 def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # Hugging Face models have these methods; any other module may lack them
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
     head_ids = {id(p) for p in head.parameters()} if head is not None and cfg.head_lr is not None else set()
-    input_ids_ = (
-        {id(p) for p in model.get_input_embeddings().parameters()}
-        if hasattr(model, "get_input_embeddings")
-        else set()
-    )
+    get_input = getattr(model, "get_input_embeddings", None)
+    input_ids_ = {id(p) for p in get_input().parameters()} if get_input is not None else set()
     groups: dict[tuple[bool, bool], list] = {}
     seen: set[int] = set()
     for _, p in model.named_parameters():
@@ -93,7 +92,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_step
     from transformers import get_scheduler
 
     warmup = warmup_steps(cfg, max_steps)
-    name, extra = cfg.scheduler, {}
+    name: str = cfg.scheduler  # or the transformers schedule that implements it
+    extra: dict = {}
     if name == "cosine" and cfg.min_lr_ratio > 0:
         name, extra = "cosine_with_min_lr", {"min_lr_rate": cfg.min_lr_ratio}
     elif name == "cosine_with_restarts":

@@ -212,6 +212,7 @@ def load_adapted(ckpt: Path, state_dict: dict, saved_base: dict | None):
                 f"could not be loaded ({reason})"
             ) from None
     now = base_reference(cfg, base)
+    assert now is not None  # an adapter run's config: cfg.peft.method is set
     if saved_base and now["fingerprint"] != saved_base["fingerprint"]:
         raise CheckpointError(
             f"checkpoint {ckpt} holds adapters trained on '{saved_base['name_or_path'] or 'the embedded model'}', "

@@ -24,7 +24,7 @@ def build_accelerator(cfg: Config):
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     # A rank that died or hung must not hold the others in a collective forever (guards.py)
-    group = {"timeout": _dt.timedelta(seconds=cfg.train.collective_timeout_s)}
+    group: dict[str, object] = {"timeout": _dt.timedelta(seconds=cfg.train.collective_timeout_s)}
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # CPU ranks talk over gloo. Without this DeepSpeed on CPU computes a world size that
         # disagrees with Accelerate's and fails its batch-size check.
@@ -324,6 +324,28 @@ def redact_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def describe_launch(accelerator) -> str:
+    """The start-up line's account of the launch, as prose: `single process on cpu`, `ddp x 2 on cpu`,
+    `fsdp x 16 on 2 nodes`, `zero3 x 8` (run_info.json keeps Accelerate's own names)."""
+    from accelerate.utils import DistributedType
+
+    kind, world = accelerator.distributed_type, accelerator.num_processes
+    if kind == DistributedType.NO:
+        return f"single process on {accelerator.device.type}"
+    if kind == DistributedType.DEEPSPEED:
+        stage = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get(
+            "stage", 0
+        )
+        name = f"zero{stage}"
+    elif kind == DistributedType.FSDP:
+        name = "fsdp"
+    else:  # MULTI_CPU, MULTI_GPU and the other data-parallel types
+        name = "ddp"
+    nodes = world // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    where = f"on {nodes} nodes" if nodes > 1 else f"on {accelerator.device.type}"
+    return f"{name} x {world} {where}"
+
+
 def run_info(accelerator, cfg: Config, argv: list[str], data_stats: dict, num_params: int) -> dict:
     """Everything needed to reproduce the run, and nothing secret."""
     commit = _git("rev-parse", "HEAD")
@@ -457,13 +479,3 @@ def count_sharded(model) -> str:
 
     params = list(model.parameters())
     return f"{sum(isinstance(p, DTensor) for p in params)}/{len(params)}"
-
-
-def quiet_other_ranks(accelerator) -> None:
-    """One copy of library warnings and progress bars, from the main process."""
-    if not accelerator.is_local_main_process:
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.logging.set_verbosity_error()

@@ -26,7 +26,9 @@ class StopRequest:
 
     def __init__(self, accelerator, timeout_s: float = 1800):
         self.signum = 0  # the first stop signal received by this rank
-        self._group, self._work, self._vote = None, None, None
+        self._group: torch.distributed.ProcessGroup | None = None
+        self._work: torch.distributed.Work | None = None  # the round in flight, reducing _vote
+        self._vote: torch.Tensor | None = None
         if accelerator.num_processes > 1:
             import datetime
 
@@ -48,6 +50,7 @@ class StopRequest:
             return _name(self.signum)
         decided = 0
         if self._work is not None:
+            assert self._vote is not None  # started together with _work
             self._work.wait()
             decided = int(self._vote.item())  # a CPU tensor: no device sync
         import torch.distributed as dist

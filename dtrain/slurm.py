@@ -52,7 +52,9 @@ def build_sbatch(args: argparse.Namespace, train_args: list[str]) -> tuple[list[
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     argv, train_args = split_train_args(argv)
-    parser = argparse.ArgumentParser(prog="dtrain slurm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="dtrain slurm", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     parser.add_argument(
         "profile", help=f"one of {', '.join(list_profiles())}, or a path to an accelerate config"
     )

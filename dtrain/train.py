@@ -19,12 +19,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-if __package__ in (
-    None,
-    "",
-):  # `python dtrain/train.py`: import the package, not dtrain/*.py as top-level modules
+# `python dtrain/train.py`: import the package, not dtrain/*.py as top-level modules
+if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from dtrain import quiet
+
+quiet.install()  # before torch and the Hugging Face libraries print their import-time messages
 
 import torch
 
@@ -66,11 +69,19 @@ from dtrain.runtime import (
     check_fsdp_wrapping,
     compiled_modules,
     count_sharded,
+    describe_launch,
     fsdp_unit_classes,
-    quiet_other_ranks,
     run_info,
 )
 from dtrain.signals import STOP_EXIT_CODE, StopRequest
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
+    from dtrain.data import PackedCollator
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,27 +129,27 @@ class Run:
     """The objects the loop works with, built once by `setup`."""
 
     cfg: Config
-    accelerator: object
-    tokenizer: object
+    accelerator: Accelerator
+    tokenizer: PreTrainedTokenizerBase
     data: Data
-    model: object
-    optimizer: object
-    scheduler: object
+    model: torch.nn.Module  # as prepared: wrapped by DDP, FSDP or DeepSpeed under those profiles
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     state: TrainState
     checkpointer: Checkpointer
     logger: MetricsLogger
     collator: Collator  # eval batches (never packed)
-    batcher: object  # train batches: Collator, or PackedCollator with --data.packing
+    batcher: Collator | PackedCollator  # train batches: PackedCollator with --data.packing
     max_steps: int
     num_params: int
     trained_params: int
+    stop: StopRequest  # signals turned into a stop every rank agrees on
+    guard: NonfiniteGuard  # the agreed verdict on non-finite steps
+    stats: StepStats
     already_complete: bool = False
-    stop: StopRequest | None = None  # signals turned into a stop every rank agrees on
-    guard: NonfiniteGuard | None = None  # the agreed verdict on non-finite steps
     rollback_from: int | None = None  # the data position of a window that faulted, under nonfinite=rollback
-    batches: object = None  # this rank's micro-batch stream (restarted after a rollback)
-    stats: StepStats | None = None
-    lr: object = None  # the learning rate the last step used (read before the schedule moves it)
+    batches: Iterator[dict] | None = None  # this rank's micro-batch stream (restarted after a rollback)
+    lr: float | torch.Tensor | None = None  # the last step's (read before the schedule moves it)
     state_reported: bool = False  # optimizer-state bytes are logged once, at the first log row
     predictions: list[dict] = field(default_factory=list)
 
@@ -153,7 +164,7 @@ class Run:
             self.batches = self.train_batches()
         return [next(self.batches) for _ in range(self.cfg.train.gradient_accumulation_steps)]
 
-    def train_batches(self):
+    def train_batches(self) -> Iterator[dict]:
         """This rank's micro-batches from the current data position on."""
         t, acc = self.cfg.train, self.accelerator
         loader = train_loader(
@@ -174,7 +185,7 @@ def setup(cfg: Config, argv: list[str]) -> Run:
     """Build every component, then resume. The output directory is read first and changed only once every
     input (tokenizer, data, model) has loaded, so a bad input never costs an earlier run anything."""
     accelerator = build_accelerator(cfg)
-    quiet_other_ranks(accelerator)
+    quiet.once_distributed(accelerator.is_main_process)
     out = Path(cfg.output_dir)
     plan = resolve_resume(out, cfg.checkpoint.resume, cfg.overwrite_output_dir, cfg.to_yaml())
     changes = check_continuity(plan.path, cfg, accelerator) if plan.path else []  # before anything heavy
@@ -295,12 +306,13 @@ def record_run(run: Run, argv: list[str], resumed_from: Path | None, changes: li
     if cfg.log.report_to != "none":
         acc.init_trackers(cfg.log.project, config=flatten(cfg))
     t, world = cfg.train, acc.num_processes
-    stats = {k: v for k, v in run.data.stats.items() if k != "sources"}  # each source: the line after
+    precision = {"no": "fp32"}.get(acc.mixed_precision, acc.mixed_precision)
     run.logger.write(
-        f"dtrain: {run.num_params / 1e6:.2f}M params | {acc.distributed_type} x{world} | precision "
-        f"{acc.mixed_precision} | global batch {t.per_device_batch_size} x {t.gradient_accumulation_steps} "
-        f"x {world} = {run.global_batch} | {run.max_steps} steps | {stats}"
-        + (f" | {describe(adapters)}" if adapters else "")
+        f"dtrain: {run.num_params / 1e6:.2f}M params, {describe_launch(acc)}, {precision}, global batch "
+        f"{run.global_batch} ({t.per_device_batch_size} per device x {t.gradient_accumulation_steps} "
+        f"accumulation x {world} {'process' if world == 1 else 'processes'}), {run.max_steps:,} "
+        f"{'step' if run.max_steps == 1 else 'steps'}; "
+        f"{run.data.describe()}" + (f"; {describe(adapters)}" if adapters else "")
     )
     if len(run.data.names) > 1:
         run.logger.write(run.data.mix(run.max_steps * run.global_batch))
@@ -311,6 +323,7 @@ def record_run(run: Run, argv: list[str], resumed_from: Path | None, changes: li
 def total_steps(cfg: Config, num_examples: int, world_size: int) -> int:
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
+    assert cfg.train.num_epochs is not None  # validate: max_steps or num_epochs, exactly one
     global_batch = cfg.train.per_device_batch_size * cfg.train.gradient_accumulation_steps * world_size
     return max(1, math.ceil(cfg.train.num_epochs * num_examples / global_batch))
 
@@ -494,6 +507,7 @@ def roll_back(run: Run) -> None:
     train state, so a later resume steps over it too). The fault counters survive the reload."""
     state = run.state
     bad, counts = run.rollback_from, (state.nonfinite_steps, state.rollbacks + 1)
+    assert bad is not None  # the loop rolls back only after a faulted window
     run.rollback_from = None
     last = complete_checkpoints(run.checkpointer.root)
     if not last:  # nothing to go back to: the update was not applied, so this is a skip
@@ -626,8 +640,8 @@ def guarded(entry, argv: list[str] | None = None) -> int:
     """Run a command's entry point under the rules of `run`."""
     try:
         return entry(argv)
-    except UserError as exc:
-        print(f"dtrain: error: {exc}", file=sys.stderr, flush=True)
+    except UserError as exc:  # every rank finds it alike: said once, by rank 0
+        quiet.error_once(f"dtrain: error: {exc}")
         return 2
     except RunHalted as halted:  # a non-finite step: every rank stopped together, the reason already logged
         return halted.code

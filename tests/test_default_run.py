@@ -11,14 +11,20 @@ import json
 
 import pytest
 from conftest import assert_ok, read_metrics, run_train, train_rows
+from test_quiet import assert_first_screen_is_dtrains
 
 pytestmark = pytest.mark.slow
 
 
 def test_default_run_learns_the_tasks(tmp_path):
     out = tmp_path / "default"
-    proc = run_train(["--output_dir", str(out), "--eval.at_start", "true", "--log.progress_bar", "false"])
+    # as a user runs it: Python's own warning filters, not the suite's PYTHONWARNINGS=ignore
+    proc = run_train(
+        ["--output_dir", str(out), "--eval.at_start", "true", "--log.progress_bar", "false"],
+        PYTHONWARNINGS="",
+    )
     assert_ok(proc)
+    assert_first_screen_is_dtrains(proc)
     evals = [r for r in read_metrics(out) if "eval_exact_match" in r]
     assert [r["step"] for r in evals] == [0, 250, 500, 750, 1000]
     before, after = evals[0], evals[-1]

@@ -187,7 +187,7 @@ def test_packed_run_reports_fill_and_trains(straight_packed):
     stats = info["data"]
     assert stats["packed_rows"] < stats["train_examples"] / 3  # short synthetic examples: many per row
     assert 0.9 < stats["packing_fill"] <= 1.0
-    assert "packing_fill" in proc.stdout  # the start-up line
+    assert f"packed into {stats['packed_rows']:,} rows" in proc.stdout  # the start-up line
     rows = train_rows(out)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert rows[-1]["loss"] < rows[0]["loss"] * 0.8

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    PROFILE_SHAPE,
     REPO,
     TINY,
     _free_port,
@@ -30,7 +31,6 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 MATRIX = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
-SHAPE = ["--train.max_steps", "6", "--checkpoint.save_steps", "3", "--eval.steps", "3"]
 LOSS_RTOL = 1e-5  # measured: 8.9e-8 largest relative loss difference (fp32, 6 steps)
 # big enough that bitsandbytes and torchao use 8-bit state (both keep tensors under 4096 elements, after
 # FSDP sharding for torchao, in fp32)
@@ -38,18 +38,14 @@ WIDER = ["--model.hidden_size", "128", "--model.intermediate_size", "256"]
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory) -> Path:
+def single(profile_runs) -> Path:
     """The reference: one process, 8 examples per step (= 2 ranks x 4)."""
-    out = tmp_path_factory.mktemp("single") / "run"
-    assert_ok(run_train([*TINY, *SHAPE, "--output_dir", str(out), "--train.per_device_batch_size", "8"]))
-    return out
+    return profile_runs("one")[0]
 
 
 @pytest.mark.parametrize("profile", MATRIX)
-def test_profile_trains_saves_resumes_and_exports(profile, single, tmp_path):
-    out = tmp_path / "run"
-    proc = dtrain_launch(profile, [*TINY, *SHAPE, "--output_dir", str(out)])
-    assert_ok(proc)
+def test_profile_trains_saves_resumes_and_exports(profile, single, profile_runs, tmp_path):
+    out, proc = profile_runs(profile)
     assert f"accelerate_configs/{profile}.yaml" in proc.stdout  # the exact command is printed
     info = json.loads((out / "run_info.json").read_text())["distributed"]
     expected = {"ddp": "MULTI_CPU", "fsdp": "FSDP"}.get(profile, "DEEPSPEED")
@@ -97,7 +93,7 @@ def test_profile_trains_saves_resumes_and_exports(profile, single, tmp_path):
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(out / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
     shutil.copytree(out / "data", resumed / "data")
-    proc = dtrain_launch(profile, [*TINY, *SHAPE, "--output_dir", str(resumed)])
+    proc = dtrain_launch(profile, [*PROFILE_SHAPE, "--output_dir", str(resumed)])
     assert_ok(proc)
     straight = {r["step"]: r["loss"] for r in got}
     again = {r["step"]: r["loss"] for r in train_rows(resumed)}
@@ -212,6 +208,9 @@ def test_script_refuses_deepspeed_turned_into_ddp(tmp_path):
     )
     assert proc.returncode != 0
     assert "asks for DEEPSPEED" in proc.stderr and "ACCELERATE_USE_CPU=1" in proc.stderr
+    assert (
+        proc.stderr.count("dtrain: error:") == 1
+    )  # both ranks refuse; one says so (plain accelerate launch)
     assert not (out / "metrics.jsonl").exists()
 
 
@@ -224,8 +223,9 @@ def test_launch_propagates_a_training_failure(tmp_path):
     )
     assert proc.returncode == 2  # the rank's own exit code (a user error), not the launcher's 1
     assert "dtrain: error: --data.path" in proc.stderr and "'instruction'" in proc.stderr
+    assert proc.stderr.count("dtrain: error:") == 1  # every rank finds it; rank 0 says it
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr  # no launcher traceback
-    assert "dtrain launch: rank " in proc.stderr and "exited with code 2" in proc.stderr
+    assert "dtrain launch: rank 0 exited with code 2" in proc.stderr  # the printing rank, not a silent one
 
 
 def test_launch_forwards_sigterm(tmp_path):

@@ -126,6 +126,22 @@ class Data:
             tokens=np.bincount(src, weights=tokens, minlength=k).astype(np.int64),
         )
 
+    def describe(self) -> str:
+        """The start-up line's account of the data: `20,000 train examples, none truncated; 256 eval
+        examples` (with packing: the rows and their fill; text split into pieces: the documents)."""
+        st = self.stats
+        cut = st["train_truncated"]
+        parts = [f"{st['train_examples']:,} train examples"]
+        if st["train_documents"] != st["train_examples"]:
+            parts[0] += f" from {st['train_documents']:,} documents"
+        parts.append("none truncated" if not cut else f"{cut:,} truncated to --data.max_length")
+        if "packed_rows" in st:
+            parts.append(f"packed into {st['packed_rows']:,} rows ({st['packing_fill']:.0%} full)")
+        line = ", ".join(parts)
+        if "eval_examples" in st:
+            line += f"; {st['eval_examples']:,} eval examples"
+        return line
+
     def mix(self, positions: int) -> str:
         """The start-up line of a mixture: each source's token share and how many of its epochs the run
         reads (above 1: oversampled, reshuffled each epoch; below 1: undersampled)."""

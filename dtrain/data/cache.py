@@ -73,9 +73,9 @@ def prepare_once(
     d = cfg.data
     if d.prepared is not None:
         path = Path(d.prepared).expanduser()
-        manifest = read_manifest(path)
-        check_manifest(manifest, cfg, tokenizer, sources, path)
-        return open_prepared(path, {**manifest, "cache": "prepared"}, cfg.eval.num_generate)
+        given = read_manifest(path)
+        check_manifest(given, cfg, tokenizer, sources, path)
+        return open_prepared(path, {**given, "cache": "prepared"}, cfg.eval.num_generate)
     root = Path(cfg.output_dir) / "data"
     host, rank = node_name(), accelerator.process_index
     token = _agreed_token(accelerator)

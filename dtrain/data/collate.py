@@ -110,7 +110,12 @@ class PackedCollator:
             if at < width:  # the padding: positions 0.. of a sequence of its own, never a target
                 positions[r, at:] = torch.arange(width - at)
                 segments.append(width - at)
-        batch = {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": mask}
+        batch: dict[str, torch.Tensor | int] = {
+            "input_ids": ids,
+            "labels": labels,
+            "position_ids": positions,
+            "attention_mask": mask,
+        }
         if self.flash:
             cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
             cu[1:] = torch.cumsum(torch.as_tensor(segments, dtype=torch.int32), 0)

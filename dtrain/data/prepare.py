@@ -56,6 +56,9 @@ _BATCH = 4096  # examples per Arrow batch while writing the arrays
 
 def source_data_config(data: DataConfig, s: SourceConfig) -> DataConfig:
     """The data section as one source sees it (templates and checks read a DataConfig)."""
+    # resolved_sources filled these in
+    assert s.template is not None and s.text_column is not None and s.messages_column is not None
+    assert s.split is not None
     return replace(
         data,
         path=s.path,
@@ -111,6 +114,7 @@ def _text_sha(path: str | None) -> str | None:
 def source_key(s: SourceConfig) -> dict:
     """Everything about one source that changes its tokens (its weight does not: the blend is computed
     at run time)."""
+    assert s.template is not None  # resolved_sources filled it in
     columns = {
         "text": {"text_column": s.text_column},
         "chat": {"messages_column": s.messages_column},
@@ -256,7 +260,7 @@ def _write_split(ds, out: Path, vocab: int, packing_capacity: int | None) -> dic
         a, b = offsets[first], offsets[min(first + _BATCH, n)]
         tokens[a:b] = pc.list_flatten(batch["input_ids"]).to_numpy(zero_copy_only=False)
         lens = lengths[first : first + _BATCH]
-        if chat_like:
+        if targets is not None:  # chat-like
             flags = pc.list_flatten(batch["targets"]).to_numpy(zero_copy_only=False).astype(np.uint8)
             targets[a:b] = flags
             csum = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
@@ -274,7 +278,7 @@ def _write_split(ds, out: Path, vocab: int, packing_capacity: int | None) -> dic
         targets.flush()
     np.save(out / "offsets.npy", offsets)
     np.save(out / "has_target.npy", has_target)
-    stats = {
+    stats: dict[str, int | float] = {
         "examples": n,
         "tokens": total,
         "truncated": truncated,
@@ -306,6 +310,7 @@ def _write_split(ds, out: Path, vocab: int, packing_capacity: int | None) -> dic
 def prepare_source(cfg: Config, s: SourceConfig, tokenizer, out: Path, num_proc: int, flag: str) -> dict:
     """Load and check one source, split off its eval documents, tokenize both, write them under out.
     `flag` names the source in messages: "data." (the data.path shorthand) or "data.sources[i]."."""
+    assert s.split is not None and s.eval_fraction is not None  # resolved_sources filled them in
     dcfg = source_data_config(cfg.data, s)
     raw = load_table(s.path, s.split, flag + "path")
     check_columns(raw, dcfg, s.path, flag + "path")
@@ -376,6 +381,7 @@ def write_prepared(
             "host": node_name(),
         }
         for s, flag in zip(sources, flags, strict=True):
+            assert s.name is not None  # resolved_sources filled it in
             manifest["sources_data"][s.name] = prepare_source(cfg, s, tokenizer, tmp / s.name, num_proc, flag)
             manifest["weights"][s.name] = s.weight
         manifest["seconds"] = round(time.perf_counter() - started, 2)
@@ -480,6 +486,7 @@ class Split(torch.utils.data.Dataset):
     def __getitem__(self, r: int):
         if not self.packed:
             return self.example(int(r))
+        assert self.row_offsets is not None and self.row_items is not None  # loaded when packed
         a, b = int(self.row_offsets[r]), int(self.row_offsets[r + 1])
         return [self.example(int(i)) for i in self.row_items[a:b]]
 

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from dtrain.config import Config, DataConfig, SourceConfig, UserError, looks_local, resolved_sources
+from dtrain.quiet import no_dataset_bars
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -35,7 +36,8 @@ def load_table(path: str, split: str, flag: str):
                 raise UserError(f"--{flag}: '{path}' has no rows; point it at a non-empty dataset")
             if builder == "json":
                 check_json_layout(p, path, flag)
-            ds = datasets.load_dataset(builder, data_files=str(p), split="train")
+            with no_dataset_bars():
+                ds = datasets.load_dataset(builder, data_files=str(p), split="train")
         elif p.is_dir() and any(
             (p / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")
         ):
@@ -46,7 +48,8 @@ def load_table(path: str, split: str, flag: str):
                     f"--{flag}: directory '{path}' holds no data files; point it at a .json/.jsonl/.csv/.parquet "
                     "file, a directory of them, or a datasets save_to_disk directory"
                 )
-            ds = datasets.load_dataset(str(p), split=split)
+            with no_dataset_bars():
+                ds = datasets.load_dataset(str(p), split=split)
         elif looks_local(path):
             raise UserError(f"--{flag}: file '{path}' does not exist")
         else:
@@ -81,7 +84,7 @@ def load_table(path: str, split: str, flag: str):
 _GENERIC = ("An error occurred while generating the dataset",)
 
 
-def _root_cause(exc: BaseException) -> str:
+def _root_cause(exc: BaseException | None) -> str:
     """The first specific message of an exception chain (`datasets` wraps the reader's error in a generic
     one)."""
     seen = set()
@@ -219,7 +222,7 @@ def _diagnose_json(p: Path) -> str | None:
             lines.append(number)
     if not isinstance(rows, list):
         return None
-    kinds: dict[str, tuple[str, int]] = {}  # column -> (kind, where first seen)
+    kinds: dict[str, tuple[str, str]] = {}  # column -> (kind, where first seen)
     for i, row in enumerate(rows):
         where = f"line {lines[i]}" if lines is not None else f"row {i + 1}"
         if not isinstance(row, dict):
@@ -386,7 +389,7 @@ def _check_messages_column(ds, name: str, path: str, flag: str) -> None:
         found = _not_text(ds.features[name], False, False) or "strings"
         raise UserError(f"{where} holds {found}; it must hold {shape}")
     if not isinstance(item, dict):
-        found = "strings" if _not_text(item, False, False) is None else _not_text(item, False, False)
+        found = _not_text(item, False, False) or "strings"
         raise UserError(f"{where} holds lists of {found}; each message must be an object {{role, content}}")
     if "role" not in item or "content" not in item:
         hint = (
@@ -397,9 +400,9 @@ def _check_messages_column(ds, name: str, path: str, flag: str) -> None:
         )
         raise UserError(f"{where}: its messages have keys {', '.join(item)}, not role and content{hint}")
     for key in ("role", "content"):
-        found = _not_text(item[key], False, nulls_ok=key == "content")
-        if found:
-            raise UserError(f"{where}: message '{key}' holds {found}; it must be a string")
+        held = _not_text(item[key], False, nulls_ok=key == "content")
+        if held:
+            raise UserError(f"{where}: message '{key}' holds {held}; it must be a string")
     import pyarrow.compute as pc
 
     roles = pc.struct_field(pc.list_flatten(_arrow_column(ds, name)), "role")
