@@ -55,5 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def console() -> None:
+    """The `dtrain` console script."""
+    from dtrain.process import exit_with
+
+    exit_with(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -212,4 +212,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dtrain.process import exit_with
+
+    exit_with(main())

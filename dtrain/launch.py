@@ -310,10 +310,7 @@ def launch(args: argparse.Namespace, train_args: list[str]) -> int:
         cfg = parse_config(train_args)
     except ConfigError as exc:
         raise UserError(f"training flags after --: {exc}") from None
-    import torch
-
-    present = 0 if args.cpu else torch.cuda.device_count()
-    bf16_ok = bool(present) and torch.cuda.is_bf16_supported()
+    present, bf16_ok = (0, False) if args.cpu else visible_gpus()
     if args.gpus == "auto":
         gpus = (1 if profile.kind == "single" else 2) if args.cpu else max(present, 1)
     elif args.gpus.isdigit() and int(args.gpus) > 0:
@@ -335,6 +332,14 @@ def launch(args: argparse.Namespace, train_args: list[str]) -> int:
     if args.dry_run:
         return 0
     return run(cmd, {**os.environ, **env})
+
+
+def visible_gpus() -> tuple[int, bool]:
+    """(CUDA GPUs visible, whether they do bf16). Imports torch: a --cpu rehearsal never pays for it."""
+    import torch
+
+    present = torch.cuda.device_count()
+    return present, bool(present) and torch.cuda.is_bf16_supported()
 
 
 def run(cmd: list[str], env: dict[str, str]) -> int:

@@ -113,4 +113,6 @@ def _recorded_stop(train_args: list[str], since: float) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dtrain.process import exit_with
+
+    exit_with(main())

@@ -86,13 +86,14 @@ def once_distributed(is_main_process: bool) -> None:
     where it is), and errors only from ranks a launcher started without RANK in their environment."""
     if verbose():
         return
-    import datasets
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     if not is_main_process:
-        datasets.disable_progress_bars()
         transformers.logging.set_verbosity_error()
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # datasets is imported only where it tokenizes
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
 
 
 @contextlib.contextmanager

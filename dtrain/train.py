@@ -682,4 +682,6 @@ def guarded(entry, argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    from dtrain.process import exit_with
+
+    exit_with(run())
