@@ -115,6 +115,61 @@ def dtrain_launch(profile: str, args: list[str], gpus: int = 2, **env: str) -> s
     )
 
 
+# One uninterrupted 2-rank `dtrain launch ddp` run, the reference of every test that interrupts the same
+# command (a stop request, a killed rank) and reruns it: the losses must come out bitwise equal.
+LONG_DDP = [
+    *TINY,
+    "--train.max_steps",
+    "120",
+    "--checkpoint.save_steps",
+    "10",
+    "--eval.steps",
+    "0",
+    "--eval.num_generate",
+    "0",
+    "--eval.num_samples",
+    "0",
+    "--log.every_steps",
+    "1",
+    "--train.collective_timeout_s",
+    "10",
+]
+
+
+@pytest.fixture(scope="session")
+def straight_long_ddp(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight-long-ddp") / "run"
+    assert_ok(dtrain_launch("ddp", [*LONG_DDP, "--output_dir", str(out)]))
+    return out
+
+
+# Uninterrupted 6-step runs with a checkpoint at steps 3 and 6, as one process (8 examples a step) and under
+# each launch profile on 2 CPU ranks (2 x 4): the profile matrix compares them, the resharding tests resume
+# their checkpoints elsewhere. Each is made once per session, on first use; tests only read them.
+PROFILE_SHAPE = [*TINY, "--train.max_steps", "6", "--checkpoint.save_steps", "3", "--eval.steps", "3"]
+ONE_PROCESS = ["--train.per_device_batch_size", "8"]
+
+
+class ProfileRuns:
+    def __init__(self, root: Path):
+        self.root, self.done = root, {}
+
+    def __call__(self, where: str) -> tuple[Path, subprocess.CompletedProcess]:
+        """`one` or a profile name -> (its output directory, its finished process)."""
+        if where not in self.done:
+            out = self.root / where
+            args = [*PROFILE_SHAPE, "--output_dir", str(out)]
+            proc = run_train([*args, *ONE_PROCESS]) if where == "one" else dtrain_launch(where, args)
+            assert_ok(proc)
+            self.done[where] = (out, proc)
+        return self.done[where]
+
+
+@pytest.fixture(scope="session")
+def profile_runs(tmp_path_factory) -> ProfileRuns:
+    return ProfileRuns(tmp_path_factory.mktemp("profile-runs"))
+
+
 def _free_port() -> int:
     import socket
 

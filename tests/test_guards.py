@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    LONG_DDP,
     TINY,
     assert_ok,
     dtrain_launch,
@@ -398,21 +399,7 @@ def test_every_rank_gets_the_verdict_of_the_one_rank_that_saw_a_nan():
 # No rank left hanging: a 2-rank CPU job whose rank 1 is killed (SIGKILL) or frozen (SIGSTOP)
 # --------------------------------------------------------------------------------------------
 
-KILL_ARGS = [
-    *TINY,
-    "--train.max_steps",
-    "100",
-    "--checkpoint.save_steps",
-    "10",
-    "--eval.steps",
-    "0",
-    "--eval.num_generate",
-    "0",
-    "--eval.num_samples",
-    "0",
-    "--train.collective_timeout_s",
-    "10",
-]
+KILL_ARGS = LONG_DDP  # a checkpoint every 10 steps; a lost peer is given up after 10 s
 
 
 def start_and_hit_rank_1(out: Path, signum: int, after_step: int = 12, **env: str):
@@ -460,11 +447,10 @@ def _environ(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
 
 
-def test_a_killed_rank_ends_the_job_and_the_same_command_resumes_exactly(tmp_path):
+def test_a_killed_rank_ends_the_job_and_the_same_command_resumes_exactly(tmp_path, straight_long_ddp):
     import signal
 
-    reference = tmp_path / "straight"
-    assert_ok(dtrain_launch("ddp", [*KILL_ARGS, "--output_dir", str(reference)]))
+    reference = straight_long_ddp
     out = tmp_path / "killed"
     proc, seconds = start_and_hit_rank_1(out, signal.SIGKILL)
     assert seconds < 10 + 30, f"the job took {seconds:.0f} s to end after rank 1 died"

@@ -12,31 +12,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, assert_ok, dtrain_launch, run_train, train_rows
+from conftest import ONE_PROCESS, PROFILE_SHAPE, REPO, TINY, assert_ok, dtrain_launch, run_train, train_rows
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-SHAPE = [*TINY, "--train.max_steps", "6", "--checkpoint.save_steps", "3", "--eval.steps", "3"]
-ONE = ["--train.per_device_batch_size", "8"]  # 1 process x 8 = 2 ranks x 4 (the smoke recipe's batch)
+SHAPE, ONE = PROFILE_SHAPE, ONE_PROCESS  # the shared straight runs' shape (conftest.profile_runs)
 RTOL = 1e-5
 
 
-def straight_run(tmp: Path, where: str) -> Path:
-    out = tmp / where
-    proc = (
-        run_train([*SHAPE, *ONE, "--output_dir", str(out)])
-        if where == "one"
-        else dtrain_launch(where, [*SHAPE, "--output_dir", str(out)])
-    )
-    assert_ok(proc)
-    return out
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("straight")
-    return {where: straight_run(tmp, where) for where in ("one", "ddp", "fsdp")}
+def runs(profile_runs) -> dict[str, Path]:
+    return {where: profile_runs(where)[0] for where in ("one", "ddp", "fsdp")}
 
 
 def resume_from_step3(src: Path, dst: Path, where: str):
@@ -67,11 +54,10 @@ def test_resume_on_another_world_size(runs, tmp_path, saved_on, resumed_on):
     assert worst_w <= 1e-5, worst_w
 
 
-def test_deepspeed_checkpoint_on_another_world_size_names_the_conversion_that_works(tmp_path):
+def test_deepspeed_checkpoint_on_another_world_size_names_the_conversion_that_works(tmp_path, profile_runs):
     """ZeRO partitions belong to a world size. On another one the error names DeepSpeed's universal-checkpoint
     conversion; after running exactly that command the same resume continues the run."""
-    src = tmp_path / "zero2"
-    assert_ok(dtrain_launch("zero2", [*SHAPE, "--output_dir", str(src)]))
+    src, _ = profile_runs("zero2")
     dst = tmp_path / "four"
     (dst / "checkpoints").mkdir(parents=True)
     shutil.copytree(src / "checkpoints" / "step-00000003", dst / "checkpoints" / "step-00000003")
@@ -97,11 +83,10 @@ def test_deepspeed_checkpoint_on_another_world_size_names_the_conversion_that_wo
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
 
 
-def test_zero3_checkpoint_on_another_world_size_or_stage_is_refused(tmp_path):
+def test_zero3_checkpoint_on_another_world_size_or_stage_is_refused(tmp_path, profile_runs):
     """DeepSpeed's universal conversion of a ZeRO-3 checkpoint resumed with different optimizer math here
     (step 5 off by 7e-4 relative on 2 -> 4 ranks), so dtrain does not offer it for ZeRO-3."""
-    src = tmp_path / "zero3"
-    assert_ok(dtrain_launch("zero3", [*SHAPE, "--train.max_steps", "3", "--output_dir", str(src)]))
+    src, _ = profile_runs("zero3")
     ckpt = src / "checkpoints" / "step-00000003"
     marker = json.loads((ckpt / "dtrain_checkpoint.json").read_text())
     assert marker["zero_stage"] == 3 and marker["profile"] == "zero3"
@@ -130,9 +115,8 @@ def test_zero3_checkpoint_on_another_world_size_or_stage_is_refused(tmp_path):
     assert proc.returncode != 0 and "was written by ZeRO-3, this run is ZeRO-2" in line, line
 
 
-def test_deepspeed_checkpoint_in_a_non_deepspeed_run_names_the_export(tmp_path):
-    src = tmp_path / "zero2"
-    assert_ok(dtrain_launch("zero2", [*SHAPE, "--train.max_steps", "3", "--output_dir", str(src)]))
+def test_deepspeed_checkpoint_in_a_non_deepspeed_run_names_the_export(tmp_path, profile_runs):
+    src, _ = profile_runs("zero2")
     ckpt = src / "checkpoints" / "step-00000003"
     proc = run_train([*SHAPE, *ONE, "--output_dir", str(tmp_path / "one"), "--checkpoint.resume", str(ckpt)])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

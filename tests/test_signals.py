@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    LONG_DDP,
     REPO,
     TINY,
     TRAIN,
@@ -31,7 +32,7 @@ from dtrain.signals import STOP_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 
-STEPS = 500  # long enough to signal mid-run on 2 cores; the smoke model does ~100 steps/s
+STEPS = 500  # long enough to signal one process mid-run on 2 cores; the smoke model does ~100 steps/s
 SHAPE = [
     *TINY,
     "--train.max_steps",
@@ -102,6 +103,15 @@ def _kill_leftovers(out: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _logged(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _steps(out: Path) -> int:
+    return json.loads((out / "run_info.json").read_text())["config"]["train.max_steps"]
+
+
 def _stop_and_check(proc: subprocess.Popen, out: Path, send) -> dict:
     """Signal (via `send`), wait, and check: exit 75 within the bound, nothing left running, the agreed
     step's checkpoint committed and recorded in run_info.json."""
@@ -116,10 +126,11 @@ def _stop_and_check(proc: subprocess.Popen, out: Path, send) -> dict:
         _kill_leftovers(out)
     assert proc.returncode == STOP_EXIT_CODE, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
-    ended = json.loads((out / "run_info.json").read_text())["ended"]
+    info = json.loads((out / "run_info.json").read_text())
+    ended = (info["resumes"][-1] if info.get("resumes") else info)["ended"]  # this start's end
     assert ended["reason"] == "stop_request"
     step = ended["step"]
-    assert 0 < step < STEPS
+    assert 0 < step < _steps(out)
     assert [r["step"] for r in train_rows(out)] == list(range(1, step + 1))  # the stop step is the last
     marker = json.loads((out / "checkpoints" / f"step-{step:08d}" / "dtrain_checkpoint.json").read_text())
     assert marker["step"] == step
@@ -131,7 +142,7 @@ def _resumes_exactly(out: Path, straight: Path, again) -> None:
     proc = again()
     assert_ok(proc)
     rows = train_rows(out)
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # every step logged once
+    assert [r["step"] for r in rows] == list(range(1, _steps(out) + 1))  # every step logged once
     reference = {r["step"]: r["loss"] for r in train_rows(straight)}
     assert {r["step"]: r["loss"] for r in rows} == reference  # bitwise
     info = json.loads((out / "run_info.json").read_text())
@@ -145,46 +156,37 @@ def straight_single(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def straight_ddp(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("straight-ddp") / "run"
-    assert_ok(dtrain_launch("ddp", [*SHAPE, "--output_dir", str(out)]))
-    return out
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_one_process_stops_saves_and_resumes_exactly(sig, straight_single, tmp_path):
+def test_one_process_stops_saves_and_resumes_exactly(straight_single, tmp_path):
+    """One run stopped twice, by SIGTERM and then by SIGINT, each time rerun with the same command."""
     out = tmp_path / "run"
     args = [*SHAPE, "--output_dir", str(out)]
-    proc = _start([sys.executable, str(TRAIN), *args])
-    _wait_for_rows(out, proc)
-    ended = _stop_and_check(proc, out, lambda: proc.send_signal(sig))
-    assert ended["signal"] == sig.name
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = _start([sys.executable, str(TRAIN), *args])
+        _wait_for_rows(out, proc, _logged(out) + 3)
+        ended = _stop_and_check(proc, out, lambda p=proc, s=sig: p.send_signal(s))
+        assert ended["signal"] == sig.name
     _resumes_exactly(out, straight_single, lambda: run_train(args))
 
 
-@pytest.mark.parametrize(
-    "how", ["SIGTERM to the launcher", "SIGINT to the launcher", "SIGUSR1 to rank 1 only"]
-)
-def test_two_ranks_stop_at_one_step_and_resume_exactly(how, straight_ddp, tmp_path):
+def test_two_ranks_stop_at_one_step_and_resume_exactly(straight_long_ddp, tmp_path):
+    """One `dtrain launch ddp` job stopped three times, each time rerun with the same command: SIGTERM to
+    the launcher, SIGINT to the launcher, SIGUSR1 to rank 1 only. 120 steps at ~8 steps/s on 2 gloo
+    ranks: each signal lands mid-run (3 rows after the start or resume)."""
     out = tmp_path / "run"
-    args = [*SHAPE, "--output_dir", str(out)]
-    proc = _start(launch_cmd("ddp", args))
-    _wait_for_rows(out, proc)
-    if how.endswith("rank 1 only"):
-        ranks = _ranks(out)
-        assert sorted(ranks) == [0, 1], ranks
-
-        def send():
-            os.kill(ranks[1], signal.SIGUSR1)
-    else:
-        sig = signal.SIGTERM if how.startswith("SIGTERM") else signal.SIGINT
-
-        def send():
-            proc.send_signal(sig)
-
-    _stop_and_check(proc, out, send)
-    _resumes_exactly(out, straight_ddp, lambda: dtrain_launch("ddp", args))
+    args = [*LONG_DDP, "--output_dir", str(out)]
+    for how in ("SIGTERM to the launcher", "SIGINT to the launcher", "SIGUSR1 to rank 1 only"):
+        proc = _start(launch_cmd("ddp", args))
+        _wait_for_rows(out, proc, _logged(out) + 3)
+        if how.endswith("rank 1 only"):
+            ranks = _ranks(out)
+            assert sorted(ranks) == [0, 1], ranks
+            send = lambda pid=ranks[1]: os.kill(pid, signal.SIGUSR1)  # noqa: E731
+        else:
+            sig = signal.SIGTERM if how.startswith("SIGTERM") else signal.SIGINT
+            send = lambda p=proc, s=sig: p.send_signal(s)  # noqa: E731
+        ended = _stop_and_check(proc, out, send)
+        assert ended["signal"] == how.split()[0], how
+    _resumes_exactly(out, straight_long_ddp, lambda: dtrain_launch("ddp", args))
 
 
 def test_the_handler_only_sets_a_flag_and_the_handlers_are_given_back():

@@ -29,7 +29,7 @@ from slurm_cluster import SlurmCluster, SlurmUnavailable, install_slurm
 SLURM_DIR = REPO / "launch" / "slurm"
 MULTI, SINGLE = SLURM_DIR / "multi_node.sbatch", SLURM_DIR / "single_node.sbatch"
 RECIPE, FLAGS = TINY[1], TINY[2:]  # the smoke recipe (passed as RECIPE) and the flags after it
-STEPS = 300  # long enough to preempt mid-run; the smoke model runs it in seconds
+STEPS = 150  # long enough to preempt mid-run (the signal follows the 3rd row; ~8 steps/s on 2 ranks)
 LONG = [
     *FLAGS,
     "--train.max_steps",
