@@ -445,4 +445,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dtrain.process import exit_with  # the way dtrain's own processes end: like with like
+
+    exit_with(main())

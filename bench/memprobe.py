@@ -178,4 +178,6 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main(sys.argv[1:]))
+    from dtrain.process import exit_with  # the way dtrain's own processes end: like with like
+
+    exit_with(main(sys.argv[1:]))

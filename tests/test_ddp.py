@@ -43,8 +43,8 @@ def test_two_ranks_train_the_same_math_as_one(tmp_path):
     assert worst < 1e-4, worst
     assert "MULTI_CPU" in (two / "run_info.json").read_text()
     assert "ddp x 2 on cpu" in proc.stdout  # the start-up line, as prose
-    # the second rank prints nothing but errors: no warning of its own, no second tokenizing bar
-    assert "[rank1]" not in proc.stderr and proc.stderr.count("tokenizing synthetic:") == 1, proc.stderr
+    # the second rank prints nothing but errors: none of the library warnings it would repeat
+    assert "[rank1]" not in proc.stderr, proc.stderr
     # peak memory is each rank's own (the row's headline is the largest), and a real process size
     assert all(len(r["peak_memory_mib_per_rank"]) == 2 for r in b)
     assert all(r["peak_memory_mib"] == max(r["peak_memory_mib_per_rank"]) > 100 for r in b)

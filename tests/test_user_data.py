@@ -141,7 +141,8 @@ def test_text_template_splits_long_documents_and_counts(tmp_path, tiny_model_dir
     assert info["train_truncated"] == info["eval_truncated"] == 0  # none cut either: split into pieces
     pieces = info["train_examples"] + info["eval_examples"]
     assert pieces > 20 and info["train_tokens"] >= info["train_examples"] * 2
-    assert "train_documents" in proc.stdout
+    # the start-up line says it in words
+    assert f"{info['train_examples']} train examples from {info['train_documents']} documents" in proc.stdout
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "dtrain" / "recipes").glob("*.yaml")))
