@@ -75,10 +75,19 @@ def install() -> None:
     for name, start in NOISE:
         logging.getLogger(name).addFilter(_Drop(start))
     if not is_main_rank():
-        logging.disable(logging.WARNING)  # every logger, whatever level its library gave it
-        warnings.simplefilter("ignore")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        _errors_only()
+
+
+def _errors_only() -> None:
+    """A rank other than the main one: its warnings and bars would repeat the main process's."""
+    logging.disable(logging.WARNING)  # every logger, whatever level its library gave it
+    warnings.simplefilter("ignore")
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # datasets is imported only where it tokenizes
+    if "transformers" in sys.modules:  # already imported: the variables above come too late for them
+        sys.modules["transformers"].logging.set_verbosity_error()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
 
 
 def once_distributed(is_main_process: bool) -> None:
@@ -90,10 +99,7 @@ def once_distributed(is_main_process: bool) -> None:
 
     transformers.utils.logging.disable_progress_bar()
     if not is_main_process:
-        transformers.logging.set_verbosity_error()
-        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # datasets is imported only where it tokenizes
-        if "datasets" in sys.modules:
-            sys.modules["datasets"].disable_progress_bars()
+        _errors_only()
 
 
 @contextlib.contextmanager
