@@ -52,11 +52,18 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     A sum, not a mean: the caller divides by the number of target tokens of the whole
     accumulation window over all ranks, so every token weighs the same however the tokens fall
     into micro-batches and ranks.
+
+    The labels are shifted, not the logits (as transformers' own loss does): `logits[:, :-1]` is not
+    contiguous, so flattening it copied the whole [tokens, vocab] logits in forward, and its gradient
+    (zeros of the full shape, then a copy into them) cost as much again in backward. The last position
+    gets the target IGNORE_INDEX instead, which adds nothing to the sum.
     """
-    logits = logits[:, :-1, :].float()
-    targets = labels[:, 1:].to(logits.device)
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(logits.device)
     return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.float().reshape(-1, logits.size(-1)),  # .float(): a no-op on fp32 logits
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
 
 
