@@ -5,7 +5,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,deepspeed,bnb,torchao,trackers,bench,peft
+EXTRAS ?= dev,deepspeed,bnb,torchao,trackers,bench,peft,plot
 
 .PHONY: train test lint venv clean bench
 

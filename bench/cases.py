@@ -6,12 +6,16 @@ that case alone. KIND is one of:
 - prepare: the seeded synthetic SFT data (chat `messages` column, long-tailed lengths), the models saved
   with `save_pretrained` next to dtrain's char tokenizer, and the data tokenized by dtrain's own template
   code (`dtrain.data.templates.encode_batch`) in dtrain's own data order (`dtrain.data.DataOrder`), so the
-  loops below and the Trainer read exactly the batches dtrain reads.
+  loops below and the Trainer read exactly the batches dtrain reads. A model with `family: gpt2` is a
+  user's GPT-2 directory instead: real text (Python source files of this interpreter's site-packages, a
+  `text` column), a byte-level BPE tokenizer trained on it (no pad token, as GPT-2 ships), its own
+  ordered rows (`text` template: long files become consecutive pieces of max_length).
 - loop: a minimal hand-written Accelerate loop (accumulate, backward, clip, optimizer.step, zero_grad),
   padding each batch to its longest row (`pad: longest`, no attention mask, as dtrain) or to max_length
   with the attention mask (`pad: max_length`, the tutorial loop).
-- trainer: transformers Trainer, dynamic padding (DataCollatorForSeq2Seq) or padding-free
-  (DataCollatorWithFlattening), sequential sampler over the dtrain-ordered rows.
+- trainer: transformers Trainer, dynamic padding (DataCollatorForSeq2Seq), padding-free
+  (DataCollatorWithFlattening) or plain language modelling (DataCollatorForLanguageModeling, mlm off,
+  pad = EOS: the GPT-2 recipe), sequential sampler over the dtrain-ordered rows.
 
 Timing: from the end of optimizer step `warmup` to the end of the last step (data loading included, as
 in dtrain's log intervals); real (non-padding) tokens are counted on the host from the collated batches.
@@ -181,8 +185,11 @@ def prepare(spec: dict) -> dict:
             i = order.index(p)
             fh.write(json.dumps({"input_ids": enc["input_ids"][i], "labels": enc["labels"][i]}) + "\n")
 
-    models = {}
+    models, paths = {}, {k: str(data / f"{k}.jsonl") for k in ("train", "eval", "long", "ordered")}
     for name, shape in spec["models"].items():
+        if shape.get("family") == "gpt2":
+            models[name] = prepare_gpt2(work, name, shape, spec, paths)
+            continue
         models[name] = save_model(
             work / "models" / name, tok, shape, spec["max_positions"], shape.get("save_dtype", "float32")
         )
@@ -194,7 +201,82 @@ def prepare(spec: dict) -> dict:
         "lengths": length_stats([len(x) for x in enc["input_ids"]]),
         "truncated": int(sum(enc["truncated"])),
         "device": device,
-        "paths": {k: str(data / f"{k}.jsonl") for k in ("train", "eval", "long", "ordered")},
+        "paths": paths,
+    }
+
+
+def python_sources(documents: int, seed: int) -> list[str]:
+    """Real text: `documents` Python files of 2-60 KB from the installed transformers package, in a
+    seeded order (the same files on every run of one install)."""
+    import transformers
+
+    root = Path(transformers.__file__).parent
+    files = sorted(p for p in root.rglob("*.py") if 2_000 < p.stat().st_size < 60_000)
+    random.Random(seed).shuffle(files)
+    return [p.read_text(errors="replace") for p in files[:documents]]
+
+
+def prepare_gpt2(work: Path, name: str, shape: dict, spec: dict, paths: dict) -> dict:
+    """A user's GPT-2 directory (random init, tied head, GPT-2's default dropout) with a byte-level BPE
+    tokenizer trained on the same Python files, no pad token; `<name>_train` / `_eval` / `_ordered` data
+    (a `text` column; ordered rows as dtrain's text template cuts them, in dtrain's order)."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from dtrain.config import DataConfig
+    from dtrain.data import DataOrder
+    from dtrain.data.templates import encode_batch
+
+    texts = python_sources(shape["documents"], spec["seed"])
+    eos = "<|endoftext|>"
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        texts, vocab_size=shape["vocab_size"], min_frequency=2, special_tokens=[eos], show_progress=False
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token=eos, eos_token=eos, unk_token=eos
+    )
+    config = GPT2Config(
+        vocab_size=shape.get("model_vocab_size") or len(tok),  # e.g. GPT-2's 50,257 over a smaller BPE
+        n_positions=spec["max_positions"],
+        n_embd=shape["hidden"],
+        n_layer=shape["layers"],
+        n_head=shape["heads"],
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    path = work / "models" / name
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    write_jsonl(data / f"{name}_train.jsonl", [{"text": t} for t in texts])
+    write_jsonl(data / f"{name}_eval.jsonl", [{"text": t[:2000]} for t in texts[:4]])
+    cfg = DataConfig(template="text", max_length=spec["max_length"])
+    enc = encode_batch({"text": texts}, tok, cfg)
+    order = DataOrder(len(enc["input_ids"]), spec["train_seed"])
+    with open(data / f"{name}_ordered.jsonl", "w") as fh:
+        for p in range(spec["gpt2_positions"]):
+            i = order.index(p)
+            fh.write(json.dumps({"input_ids": enc["input_ids"][i], "labels": enc["labels"][i]}) + "\n")
+    paths.update({f"{name}_{k}": str(data / f"{name}_{k}.jsonl") for k in ("train", "eval", "ordered")})
+    params = sum(p.numel() for p in model.parameters())
+    return {
+        "path": str(path),
+        "family": "gpt2",
+        "params": params,
+        "embedding_params": model.get_input_embeddings().weight.numel(),
+        "layers": shape["layers"],
+        "heads": shape["heads"],
+        "head_dim": shape["hidden"] // shape["heads"],
+        "hidden": shape["hidden"],
+        "vocab_size": config.vocab_size,
+        "documents": len(texts),
+        "rows": len(enc["input_ids"]),
+        "mean_length": sum(len(x) for x in enc["input_ids"]) / len(enc["input_ids"]),
     }
 
 
@@ -229,10 +311,12 @@ class Clock:
     def __init__(self, warmup: int, cuda: bool):
         self.warmup, self.cuda = warmup, cuda
         self.start = self.end = None
+        self.step_ends: list[float] = []  # perf_counter at the end of each step (no device sync)
         self.step_tokens: list[int] = []  # real tokens of optimizer step k (1-based: index k-1)
         self.step_positions: list[int] = []
 
     def mark(self, step: int, last: int) -> None:
+        self.step_ends.append(time.perf_counter())
         if step == self.warmup or step == last:
             if self.cuda:
                 import torch
@@ -259,6 +343,8 @@ class Clock:
             "padding_fraction": 1.0 - tokens / max(positions, 1),
             "peak_rss_mib": peak_rss_mib(),
             "peak_memory_mib_logged": peak_cuda_mib() if self.cuda else None,
+            "step_ends": self.step_ends,  # per-step timings, for a look at the spread (CPU: exact)
+            "step_tokens": self.step_tokens,
             **extra,
         }
 
@@ -340,6 +426,7 @@ def trainer(spec: dict) -> dict:
     from transformers import (
         AutoModelForCausalLM,
         AutoTokenizer,
+        DataCollatorForLanguageModeling,
         DataCollatorForSeq2Seq,
         DataCollatorWithFlattening,
         Trainer,
@@ -359,7 +446,18 @@ def trainer(spec: dict) -> dict:
     dataset = Dataset.from_list(rows)
     clock = Clock(warmup, cuda)
 
-    if spec["collator"] == "flatten":
+    if spec["collator"] == "lm":  # the GPT-2 recipe: labels = input_ids, padding (= EOS) masked
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        lm = DataCollatorForLanguageModeling(tok, mlm=False)
+
+        def inner(features):  # input_ids only: this collator makes the labels
+            return lm([{"input_ids": f["input_ids"]} for f in features])
+
+        def count(b):
+            return int(b["attention_mask"].sum()), b["attention_mask"].numel()
+
+    elif spec["collator"] == "flatten":
         inner = DataCollatorWithFlattening(
             return_flash_attn_kwargs=spec.get("attn_implementation") == "flash_attention_2"
         )

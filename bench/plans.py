@@ -15,6 +15,7 @@ class Plan:
     # (batch, warm-up steps, measured steps, log every, repeats)
     overhead: tuple[int, int, int, int, int] = (8, 20, 300, 20, 5)
     throughput: tuple[int, int, int, int, int] = (16, 3, 24, 3, 5)
+    gpt2_batch: int = 8  # the GPT-2 throughput cases: examples/step (the user report's batch)
     optimizers: tuple[str, ...] = ("adamw", "adamw_8bit", "adamw_8bit_ao")
     optim_steps: int = 3
     profiles: tuple[str, ...] = ("ddp", "fsdp", "zero1", "zero2", "zero3")
@@ -31,6 +32,13 @@ CPU_MODELS = {
     "tiny": {"hidden": 32, "intermediate": 64, "layers": 2, "heads": 2},  # overhead: the loop shows
     "bench": {"hidden": 256, "intermediate": 1024, "layers": 4, "heads": 4},  # attention/MLP dominate
     "bigvocab": {"hidden": 64, "intermediate": 256, "layers": 2, "heads": 2, "vocab_size": 128256},
+    # a user's GPT-2 directory: BPE trained on Python files, tied head, dropout 0.1 (throughput section)
+    "gpt2": {"family": "gpt2", "hidden": 256, "layers": 4, "heads": 4, "vocab_size": 8192, "documents": 600},
+}
+# quick: the GPT-2 cases run too, on a tiny model and corpus (they prove the case works, judge nothing)
+QUICK_MODELS = {
+    **CPU_MODELS,
+    "gpt2": {"family": "gpt2", "hidden": 64, "layers": 2, "heads": 2, "vocab_size": 1024, "documents": 40},
 }
 
 PLANS = {
@@ -47,7 +55,7 @@ PLANS = {
         train_imports=False,
         timeout=300,
         threads=1,  # judges nothing: one thread is steadier on a busy CI runner than two spinning ones
-        models=CPU_MODELS,
+        models=QUICK_MODELS,
     ),
     "gpu": Plan(
         "gpu",

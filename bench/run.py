@@ -45,8 +45,13 @@ Sections
 2. throughput: non-padding tokens/s on a model where attention/MLP dominate (hidden 256, 4 layers):
    dtrain --data.packing true, dtrain with dynamic padding, Trainer + DataCollatorForSeq2Seq (dynamic
    padding, group_by_length off), Trainer + DataCollatorWithFlattening (padding-free: position_ids, no
-   mask), and a pad-to-max_length tutorial loop (model(**batch), mask included). Goals: dtrain packing
-   >= 1.5x Trainer dynamic, >= 2x pad-to-max, >= 1x Trainer flattening.
+   mask), and a pad-to-max_length tutorial loop (model(**batch), mask included). Then a second
+   architecture, a user's GPT-2 directory (hidden 256, 4 layers, tied head, dropout 0.1, a byte-level
+   BPE of 8,192 tokens trained on Python files of site-packages, no pad token): dtrain's padded path
+   (`--data.template text`, batch 8) against Trainer + DataCollatorForLanguageModeling on the same
+   ordered rows. Goals: dtrain packing >= 1.5x Trainer dynamic, >= 2x pad-to-max, >= 1x Trainer
+   flattening; dtrain's padded path >= 1x Trainer on both models (quick mode: a 2-layer, 64-wide GPT-2
+   on 40 files, judged on nothing).
 3. memory: (i) optimizer-state bytes/param for adamw, adamw_8bit, adamw_8bit_ao (the first metrics row's
    optim_state_bytes_per_param; torchao's step runs eagerly here, TORCHDYNAMO_DISABLE=1, which does not
    change its state bytes and saves its ~30 s compile); (ii) per-rank bytes of parameters + gradients +

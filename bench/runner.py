@@ -169,6 +169,7 @@ def prepare(ctx_work: Path, plan: Plan, threads: int) -> dict:
         "train_seed": 42,
         "train_examples": plan.train_examples,
         "positions": positions,
+        "gpt2_positions": (warmup + measure) * plan.gpt2_batch,  # the GPT-2 throughput cases' rows
         "max_positions": 2 * plan.max_length,
         "models": plan.models,
     }
@@ -205,6 +206,8 @@ def dtrain_args(
     log_every: int,
     data: str = "train",
     precision: str | None = None,
+    template: str = "chat",
+    eval_data: str = "eval",
 ) -> list[str]:
     """The training flags every dtrain case shares (run_dtrain adds --output_dir)."""
     path = ctx.model(model)
@@ -218,9 +221,9 @@ def dtrain_args(
         "--data.path",
         ctx.paths[data],
         "--data.eval_path",
-        ctx.paths["eval"],
+        ctx.paths[eval_data],
         "--data.template",
-        "chat",
+        template,
         "--data.max_length",
         str(ctx.plan.max_length),
         "--train.max_steps",
@@ -258,6 +261,8 @@ def dtrain_args(
         "--log.every_steps",
         str(log_every),
         "--log.progress_bar",
+        "false",
+        "--log.plots",  # the Trainer and loop cases draw nothing: like with like
         "false",
     ]
 
@@ -354,10 +359,19 @@ def run_case_process(ctx: Ctx, kind: str, name: str, spec: dict) -> dict:
     return result
 
 
-def loop_spec(ctx: Ctx, model: str, batch: int, warmup: int, measure: int, log_every: int, pad: str) -> dict:
+def loop_spec(
+    ctx: Ctx,
+    model: str,
+    batch: int,
+    warmup: int,
+    measure: int,
+    log_every: int,
+    pad: str,
+    ordered: str = "ordered",
+) -> dict:
     return {
         "model": ctx.model(model),
-        "ordered": ctx.paths["ordered"],
+        "ordered": ctx.paths[ordered],
         "steps": warmup + measure,
         "warmup": warmup,
         "batch": batch,

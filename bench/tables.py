@@ -48,10 +48,11 @@ def _speed(t, sec: dict) -> None:
     """overhead, throughput, gpu: tokens/s, step time, padding, peak RSS (+ MFU on a GPU)."""
     kind = sec["kind"]
     cases: list[Case] = sec["cases"]
-    base = {c.key: c for c in cases}.get("trainer_dynamic")
+    by = {c.key: c for c in cases}
+    bases = sec.get("bases", {})  # a case's own Trainer (GPT-2's), else Trainer + DataCollatorForSeq2Seq
     cols = ["case", "real tokens/s", "±", "step s", "tokens/step", "padding", "peak RSS MiB"]
     if kind == "section_throughput":
-        cols.insert(3, "vs Trainer dyn")
+        cols.insert(3, "vs Trainer")
     if kind == "section_gpu":
         cols += ["MFU", "MFU logged", "peak GPU MiB"]
     for col in [*cols, "note"]:
@@ -68,6 +69,7 @@ def _speed(t, sec: dict) -> None:
             fmt(s.get("peak_rss_mib")),
         ]
         if kind == "section_throughput":
+            base = by.get(bases.get(c.key, "trainer_dynamic"))
             r = ratio(c, base, "tokens_per_sec") if base else None
             row.insert(3, fmt(r, ".2f", "x"))
         if kind == "section_gpu":

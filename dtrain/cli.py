@@ -12,6 +12,9 @@ commands:
   prepare  tokenize and pack every data source once, for --data.prepared (dtrain prepare --help)
   export   turn a checkpoint of any profile into a Hugging Face model directory (dtrain export --help)
   slurm    submit a launch profile as a Slurm job with launch/slurm/*.sbatch (dtrain slurm --help)
+  plan     estimate the memory per GPU of every profile and recommend one that fits (dtrain plan --help)
+  plot     draw a run's curves (loss, lr, gradient norm, throughput, memory) to PNGs (dtrain plot --help)
+  plot-lr  draw a recipe's learning-rate schedule, as its scheduler produces it (dtrain plot-lr --help)
 """
 
 
@@ -21,7 +24,13 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command in ("train", "prepare", "export"):  # these import torch and the Hugging Face libraries
+    if command in (
+        "train",
+        "prepare",
+        "export",
+        "plan",
+        "plot-lr",
+    ):  # these import torch and the Hugging Face libraries
         from dtrain import quiet
 
         quiet.install()
@@ -39,13 +48,28 @@ def main(argv: list[str] | None = None) -> int:
         return slurm_main(rest)
     if command == "prepare":
         from dtrain.data.prepare import prepare_main
-        from dtrain.train import guarded
+        from dtrain.process import guarded
 
         return guarded(prepare_main, rest)
     if command == "export":
         from dtrain.export import main as export_main
 
         return export_main(rest)
+    if command == "plan":
+        from dtrain.plan import main as plan_main
+        from dtrain.process import guarded
+
+        return guarded(plan_main, rest)
+    if command == "plot":
+        from dtrain.plots import plot_main
+        from dtrain.process import guarded
+
+        return guarded(plot_main, rest)
+    if command == "plot-lr":
+        from dtrain.plots import plot_lr_main
+        from dtrain.process import guarded
+
+        return guarded(plot_lr_main, rest)
     if command in ("-V", "--version"):
         from dtrain import __version__
 

@@ -275,6 +275,14 @@ class LogConfig:
     """Tracker project name."""
     progress_bar: bool = True
     """Show a progress bar on the main process."""
+    plots: bool = True
+    """Draw the run's curves (loss, lr, gradient norm, throughput, memory) as PNGs in <output_dir>/plots/ at
+    each eval and at the end, embedded in summary.md. Needs matplotlib (extra `plot`); without it the run
+    trains and says once that plots are off."""
+    profile_steps: str | None = None
+    """Record these optimizer steps with torch.profiler, e.g. "3-4" (numbered as logged, so the same after a
+    resume): one Perfetto trace per rank in <output_dir>/profile/, a CUDA memory snapshot on GPUs, and the
+    top operators in the log. null = off (and free)."""
 
 
 @dataclass
@@ -695,6 +703,15 @@ def _check_sources(d: DataConfig, p: list[str]) -> None:
             )
 
 
+def profile_range(text: str) -> tuple[int, int] | None:
+    """'3-4' -> (3, 4), '5' -> (5, 5); None when it is not a range of steps from 1 on."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(text))
+    if not m:
+        return None
+    first, last = int(m.group(1)), int(m.group(2) or m.group(1))
+    return (first, last) if 1 <= first <= last else None
+
+
 def validate(cfg: Config) -> list[str]:
     p: list[str] = []
     t, o, d, e, c, lg, m = cfg.train, cfg.optim, cfg.data, cfg.eval, cfg.checkpoint, cfg.log, cfg.model
@@ -745,6 +762,11 @@ def validate(cfg: Config) -> list[str]:
     positive("checkpoint.keep_last", c.keep_last)
     positive("checkpoint.keep_every", c.keep_every, allow_zero=True)
     positive("log.every_steps", lg.every_steps)
+    if lg.profile_steps is not None and profile_range(lg.profile_steps) is None:
+        p.append(
+            f"--log.profile_steps must be a step or a range of optimizer steps like 3-4, first >= 1 "
+            f"(got '{lg.profile_steps}')"
+        )
 
     if t.max_steps is None and t.num_epochs is None:
         p.append("set one of --train.max_steps or --train.num_epochs")

@@ -321,6 +321,12 @@ def launch(args: argparse.Namespace, train_args: list[str]) -> int:
         raise UserError(f"--node-rank must be in [0, --nodes) (got {args.node_rank} of {args.nodes})")
     if args.nodes > 1 and not args.main_address:
         raise UserError("--nodes > 1 needs --main-address HOST[:PORT] of the head node")
+    if not args.cpu and profile.path.parent == PROFILE_DIR:  # the planner knows the shipped profiles
+        from dtrain.plan import memory_warning  # imports transformers only now, only with a GPU in view
+
+        warning = memory_warning(profile.name, cfg, gpus, args.nodes)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     problems = preflight(profile, cfg, gpus, args.cpu, present, bf16_ok, nodes=args.nodes)
     if problems:
         raise UserError("; ".join(problems))

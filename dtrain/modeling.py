@@ -75,23 +75,9 @@ def build_model(
     """The embedded tiny Llama or the pretrained model; `quantization` (QLoRA's BitsAndBytesConfig) loads
     the pretrained weights in 4-bit."""
     if cfg.name_or_path is None:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
 
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            num_key_value_heads=cfg.num_heads,
-            max_position_embeddings=max(512, data.max_length + eval_cfg.max_new_tokens),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=True,
-        )
-        if cfg.attn_implementation:
-            config._attn_implementation = cfg.attn_implementation
+        config = embedded_config(cfg, tokenizer, data, eval_cfg)
         # transformers wraps `to` with functools.wraps, which mypy then reads as unbound (self = the dtype)
         model = LlamaForCausalLM(config).to(_DTYPES[cfg.dtype])  # type: ignore[arg-type]
     else:
@@ -124,6 +110,28 @@ def build_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def embedded_config(cfg: ModelConfig, tokenizer, data: DataConfig, eval_cfg: EvalConfig):
+    """The embedded tiny Llama's config (the planner sizes the model from it without building it)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=max(512, data.max_length + eval_cfg.max_new_tokens),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    if cfg.attn_implementation:
+        config._attn_implementation = cfg.attn_implementation
+    return config
 
 
 def check_vocabulary(cfg: ModelConfig, model, tokenizer) -> None:

@@ -1,10 +1,18 @@
-"""How a dtrain command's process ends."""
+"""How a dtrain command's process ends: user errors as one line (`guarded`), then `exit_with`. Light: no
+torch, so `dtrain plot` and the launch side start fast."""
 
 from __future__ import annotations
 
 import gc
+import os
 import sys
+import time
+from pathlib import Path
 from typing import NoReturn
+
+from dtrain import quiet
+from dtrain.config import UserError
+from dtrain.guards import RANK_LOST_EXIT_CODE, RunHalted, is_lost_rank
 
 
 def exit_with(code: int) -> NoReturn:
@@ -15,3 +23,50 @@ def exit_with(code: int) -> NoReturn:
     run. For a command's process only: a long-lived caller would keep its frozen garbage."""
     gc.freeze()
     sys.exit(code)
+
+
+def guarded(entry, argv: list[str] | None = None) -> int:
+    """Run a command's entry point: user errors end as one line and exit code 2, never a traceback. Anything
+    else that escapes (an input dtrain does not check yet, or a bug) is one line too, exit code 1, with the
+    traceback kept in a file (or shown with DTRAIN_TRACEBACK=1)."""
+    try:
+        return entry(argv)
+    except UserError as exc:  # every rank finds it alike: said once, by rank 0
+        quiet.error_once(f"dtrain: error: {exc}")
+        return 2
+    except RunHalted as halted:  # a non-finite step: every rank stopped together, the reason already logged
+        return halted.code
+    except Exception as exc:
+        if os.environ.get("DTRAIN_TRACEBACK") == "1":
+            raise
+        if is_lost_rank(exc):
+            reason = " ".join(str(exc).split())[:200]
+            print(
+                f"dtrain: error: lost contact with another rank in a collective ({reason}): it died or hung "
+                f"past --train.collective_timeout_s; rerun the same command to resume from the newest "
+                f"checkpoint (exit code {RANK_LOST_EXIT_CODE})",
+                file=sys.stderr,
+                flush=True,
+            )
+            # The rank that caused this (a user error, a crash) may still be exiting: give it a moment, so
+            # the launcher records its failure first and names it. Then leave at once: a normal exit would
+            # wait on the process group's lost peers.
+            time.sleep(3)
+            os._exit(RANK_LOST_EXIT_CODE)
+        import tempfile
+        import traceback
+
+        path = Path(tempfile.gettempdir()) / f"dtrain-error-{os.getpid()}.txt"
+        try:
+            path.write_text(traceback.format_exc())
+            where = f"traceback in {path}"
+        except OSError:
+            where = "rerun with DTRAIN_TRACEBACK=1 for the traceback"
+        reason = " ".join(str(exc).split())[:300]
+        print(
+            f"dtrain: error: unexpected {type(exc).__name__}: {reason} ({where}; if your inputs look right, "
+            "please report it)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1

@@ -14,9 +14,7 @@ below branches on it.
 from __future__ import annotations
 
 import math
-import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +36,7 @@ from dtrain.checkpoint import (
     check_model_identity,
     complete_checkpoints,
 )
-from dtrain.config import Config, UserError, flatten, parse_config
+from dtrain.config import Config, flatten, parse_config
 from dtrain.data import (
     Collator,
     Data,
@@ -50,7 +48,7 @@ from dtrain.data import (
 )
 from dtrain.evaluation import report_samples, run_eval, track_best
 from dtrain.export import export_final
-from dtrain.guards import NONFINITE_EXIT_CODE, RANK_LOST_EXIT_CODE, NonfiniteGuard, RunHalted, is_lost_rank
+from dtrain.guards import NONFINITE_EXIT_CODE, NonfiniteGuard, RunHalted
 from dtrain.loss import check_chunked_loss, count_targets, forward_logits, forward_loss_sum, use_chunked_loss
 from dtrain.metrics import MetricsLogger, StepStats
 from dtrain.modeling import (
@@ -63,6 +61,10 @@ from dtrain.modeling import (
 )
 from dtrain.optim import build_optimizer, build_scheduler, optimizer_state_row
 from dtrain.peft import add_adapters, base_reference, describe, load_options, summary
+from dtrain.plots import at_eval as plots_at_eval
+from dtrain.process import guarded
+from dtrain.profiling import OFF, StepProfiler, step_profiler
+from dtrain.rank_memory import HeldBytes
 from dtrain.rundir import prepare_output_dir, record_end, resolve_resume, write_run_files
 from dtrain.runtime import (
     build_accelerator,
@@ -74,6 +76,7 @@ from dtrain.runtime import (
     run_info,
 )
 from dtrain.signals import STOP_EXIT_CODE, StopRequest
+from dtrain.summary import at_end as summary_at_end
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -98,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     requested = None
     while state.step < run.max_steps and not state.early_stopped and not requested:
         plan = StepPlan.at(state.step + 1, cfg, run.max_steps)
+        run.profiler.begin(state.step + 1)  # --log.profile_steps (a no-op when off)
         window = run.next_window()  # data window
         grad_norm = take_step(run, window)  # step (one that is not finite on some rank is never applied)
+        run.profiler.end(state.step)
         if run.rollback_from is not None:
             roll_back(run)  # --train.nonfinite rollback: back to the newest checkpoint, past this window
             continue
@@ -146,12 +151,14 @@ class Run:
     stop: StopRequest  # signals turned into a stop every rank agrees on
     guard: NonfiniteGuard  # the agreed verdict on non-finite steps
     stats: StepStats
+    held: HeldBytes  # this rank's parameter, gradient and optimizer-state bytes, logged in the first row
     already_complete: bool = False
     rollback_from: int | None = None  # the data position of a window that faulted, under nonfinite=rollback
     batches: Iterator[dict] | None = None  # this rank's micro-batch stream (restarted after a rollback)
     lr: float | torch.Tensor | None = None  # the last step's (read before the schedule moves it)
     state_reported: bool = False  # optimizer-state bytes are logged once, at the first log row
     predictions: list[dict] = field(default_factory=list)
+    profiler: StepProfiler = OFF  # --log.profile_steps: begin/end around each step; OFF does nothing
 
     @property
     def global_batch(self) -> int:
@@ -258,6 +265,8 @@ def setup(cfg: Config, argv: list[str]) -> Run:
         stop=StopRequest(accelerator, cfg.train.collective_timeout_s),
         guard=NonfiniteGuard(accelerator),
         stats=StepStats(accelerator.device),
+        held=HeldBytes(accelerator, model, optimizer),
+        profiler=step_profiler(cfg.log, accelerator, out, max_steps, logger.write),
     )
     if plan.path is not None:
         finished = state.step >= max_steps or state.early_stopped
@@ -494,9 +503,12 @@ def end_early(run: Run, reason: str, line: str, **details) -> None:
     """A run that stops before its end: why, in run_info.json and one log line; then the ranks leave
     together, as at the end of finish()."""
     acc = run.accelerator
+    run.profiler.close()  # stopped or halted inside --log.profile_steps: write what was recorded
     if acc.is_main_process:
         record_end(Path(run.cfg.output_dir), reason, run.state.step, **details)
     run.logger.write(line)
+    if acc.is_main_process:  # plots (--log.plots) and summary.md; never fails the run
+        summary_at_end(run.cfg.output_dir, run.cfg.log.plots, run.logger.write)
     run.logger.close()
     acc.wait_for_everyone()
     acc.end_training()
@@ -552,6 +564,7 @@ def log_train(run: Run, grad_norm) -> None:
         )
     if not run.state_reported:  # the optimizer state exists after one step
         row.update(optimizer_state_row(acc, run.optimizer, run.trained_params))  # per parameter it updates
+        row.update(run.held.row())  # what this rank holds, beside `dtrain plan`'s estimate
         run.state_reported = True
     run.logger.log(row)
 
@@ -565,6 +578,8 @@ def evaluate(run: Run, step: int, final: bool = False) -> bool:
     patience = 0 if final or step == 0 else cfg.eval.early_stopping_patience
     stop = track_best(state, row, cfg.eval.metric, patience) if step else False
     run.logger.log(row)
+    if cfg.log.plots and not final and run.accelerator.is_main_process:  # the end redraws them anyway
+        plots_at_eval(cfg.output_dir, run.logger.write)
     if stop:
         state.early_stopped = True
         run.logger.write(
@@ -580,6 +595,7 @@ def finish(run: Run) -> None:
     if state.last_eval_step != state.step:
         evaluate(run, state.step, final=True)
     run.stop.close()
+    run.profiler.close()  # a run that ended inside --log.profile_steps (early stopping)
     last = run.checkpointer.save()  # a no-op when this step is already committed (early stop, resumed end)
     export_final(acc, last, out / "final")
     if acc.is_main_process:
@@ -594,6 +610,8 @@ def finish(run: Run) -> None:
     report_samples(acc, out, run.predictions, run.cfg.eval.num_samples)
     if acc.is_main_process and run.predictions and run.cfg.eval.num_samples:
         print(f"dtrain: final model in {out / 'final'}", flush=True)
+    if acc.is_main_process:  # plots (--log.plots) and summary.md; never fails the run
+        summary_at_end(out, run.cfg.log.plots, run.logger.write)
     acc.end_training()
 
 
@@ -630,55 +648,8 @@ def _to_float(x) -> float | None:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Entry point: user errors end as one line and exit code 2, never a traceback. Anything else that
-    escapes (an input dtrain does not check yet, or a bug) is one line too, exit code 1, with the
-    traceback kept in a file (or shown with DTRAIN_TRACEBACK=1)."""
+    """Entry point, under `dtrain.process.guarded`: a user error is one line and exit code 2."""
     return guarded(main, argv)
-
-
-def guarded(entry, argv: list[str] | None = None) -> int:
-    """Run a command's entry point under the rules of `run`."""
-    try:
-        return entry(argv)
-    except UserError as exc:  # every rank finds it alike: said once, by rank 0
-        quiet.error_once(f"dtrain: error: {exc}")
-        return 2
-    except RunHalted as halted:  # a non-finite step: every rank stopped together, the reason already logged
-        return halted.code
-    except Exception as exc:
-        if os.environ.get("DTRAIN_TRACEBACK") == "1":
-            raise
-        if is_lost_rank(exc):
-            reason = " ".join(str(exc).split())[:200]
-            print(
-                f"dtrain: error: lost contact with another rank in a collective ({reason}): it died or hung "
-                f"past --train.collective_timeout_s; rerun the same command to resume from the newest "
-                f"checkpoint (exit code {RANK_LOST_EXIT_CODE})",
-                file=sys.stderr,
-                flush=True,
-            )
-            # The rank that caused this (a user error, a crash) may still be exiting: give it a moment, so
-            # the launcher records its failure first and names it. Then leave at once: a normal exit would
-            # wait on the process group's lost peers.
-            time.sleep(3)
-            os._exit(RANK_LOST_EXIT_CODE)
-        import tempfile
-        import traceback
-
-        path = Path(tempfile.gettempdir()) / f"dtrain-error-{os.getpid()}.txt"
-        try:
-            path.write_text(traceback.format_exc())
-            where = f"traceback in {path}"
-        except OSError:
-            where = "rerun with DTRAIN_TRACEBACK=1 for the traceback"
-        reason = " ".join(str(exc).split())[:300]
-        print(
-            f"dtrain: error: unexpected {type(exc).__name__}: {reason} ({where}; if your inputs look right, "
-            "please report it)",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 1
 
 
 if __name__ == "__main__":

@@ -136,17 +136,30 @@ LONG_DDP = [
 ]
 
 
+# The straight run also profiles steps 3-4 (tests/test_profiling.py reads its traces and log.txt): the runs
+# compared with it do not, so their bitwise-equal losses also show that profiling changes no numerics.
+PROFILED = ["--log.profile_steps", "3-4"]
+
+
 @pytest.fixture(scope="session")
 def straight_long_ddp(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("straight-long-ddp") / "run"
-    assert_ok(dtrain_launch("ddp", [*LONG_DDP, "--output_dir", str(out)]))
+    proc = dtrain_launch("ddp", [*LONG_DDP, *PROFILED, "--output_dir", str(out)])
+    assert_ok(proc)
+    (out / "log.txt").write_text(proc.stdout + proc.stderr)
     return out
 
 
 # Uninterrupted 6-step runs with a checkpoint at steps 3 and 6, as one process (8 examples a step) and under
 # each launch profile on 2 CPU ranks (2 x 4): the profile matrix compares them, the resharding tests resume
 # their checkpoints elsewhere. Each is made once per session, on first use; tests only read them.
-PROFILE_SHAPE = [*TINY, "--train.max_steps", "6", "--checkpoint.save_steps", "3", "--eval.steps", "3"]
+# 64 wide: DeepSpeed pads each rank's gradient partition (1,680 elements here), which at the smoke recipe's
+# 24k parameters would be 14% of zero1's gradients (tests/test_plan.py compares the bytes every rank holds)
+PROFILE_SHAPE = [
+    *TINY,
+    *("--model.hidden_size", "64", "--model.intermediate_size", "256"),
+    *("--train.max_steps", "6", "--checkpoint.save_steps", "3", "--eval.steps", "3"),
+]
 ONE_PROCESS = ["--train.per_device_batch_size", "8"]
 
 

@@ -69,6 +69,8 @@ def test_throughput_cases_train_the_same_tokens_and_packing_removes_padding(quic
     assert _summary(section, "trainer_flatten")["padding_fraction"] == 0.0
     assert all(_summary(section, c)["tokens_per_sec"] > 0 for c in [*cases, "dtrain_packing"])
     assert {g["goal"] for g in section["goals"]} >= {"dtrain packing / Trainer + DataCollatorForSeq2Seq"}
+    gpt2 = {c: _summary(section, c)["tokens_per_step"] for c in ("gpt2_dtrain", "gpt2_trainer")}
+    assert len(set(gpt2.values())) == 1, gpt2  # GPT-2 (text template, no pad token): the same rows too
 
 
 def test_optimizer_state_bytes_and_profile_memory(quick):

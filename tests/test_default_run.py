@@ -36,3 +36,9 @@ def test_default_run_learns_the_tasks(tmp_path):
     assert rows[-1]["step"] == 1000 and rows[-1]["loss"] < 0.5 * rows[0]["loss"]
     info = json.loads((out / "run_info.json").read_text())
     assert info["data"]["train_examples"] == 20000 and info["data"]["eval_examples"] == 256
+    # --log.plots is on for users: the run drew its curves and wrote summary.md with them embedded
+    plots = {p.name for p in (out / "plots").glob("*.png")}
+    assert {"loss.png", "eval_loss.png", "exact_match.png", "lr.png", "grad_norm.png"} <= plots
+    summary = (out / "summary.md").read_text()
+    assert "**finished** at step 1000" in summary and "![loss](plots/loss.png)" in summary
+    assert f"{after['eval_exact_match']:.4f}" in summary

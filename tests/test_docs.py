@@ -5,7 +5,8 @@ A command is one that runs `python dtrain/train.py`, `dtrain ...` or `accelerate
 (plus `sbatch launch/...` and `make TARGET`). Training flags go through `parse_config`; `dtrain launch` and
 `dtrain slurm` run their own parsers and checks in CPU dry-run mode (so a launch profile passes `preflight`
 as a CPU rehearsal would); `accelerate launch` flags go through Accelerate's `launch_command_parser()`;
-`dtrain export` and `dtrain prepare` through theirs. Files of the project a command names must exist.
+`dtrain export`, `dtrain prepare`, `dtrain plot` and `dtrain plot-lr` through theirs. Files of the project
+a command names must exist.
 Placeholders for the user's own files start with `my_` (they stand in as empty files and directories; a
 `--config my_recipe.yaml` is left out); a command that must be refused ends with `# fails` and is checked to be refused.
 """
@@ -141,6 +142,11 @@ def _check_dtrain(args: list[str]) -> None:
         from dtrain.export import build_parser
 
         build_parser().parse_args(rest)
+    elif command == "plan":
+        from dtrain.plan import split_plan_args
+
+        _, flags = split_plan_args(rest)
+        _train_flags(flags)
     elif command == "prepare":
         from dtrain.config import UserError
         from dtrain.data.prepare import split_prepare_args
@@ -149,6 +155,17 @@ def _check_dtrain(args: list[str]) -> None:
         if out is None:
             raise UserError("dtrain prepare: no OUT_DIR")
         _train_flags(flags)
+    elif command == "plot":
+        from dtrain.plots import build_parser as plot_parser
+
+        plot_parser().parse_args(rest)
+    elif command == "plot-lr":
+        from dtrain.plots import lr_steps, split_plot_lr_args
+
+        own, flags = split_plot_lr_args(rest)
+        cfg = _train_flags(flags)
+        if cfg is not None:
+            lr_steps(own.steps, cfg.train.max_steps)
     else:
         from dtrain.cli import USAGE
 

@@ -116,3 +116,38 @@ def assert_only_verdict_and_detection(calls: list[str], steps: int, forwards: in
     assert ours == verdicts and len(verdicts) == steps, f"host copies in dtrain's step: {ours}"
     detection = [c for c in calls if c.endswith(f"transformers{os.sep}masking_utils.py")]
     assert len(calls) - steps == len(detection) == forwards, calls
+
+
+def test_the_loop_body_with_profiling_off_makes_no_host_copies_of_its_own(tmp_path):
+    """Not only `train_step`: the loop's whole step (the profiler hooks, the data window from the real
+    loader and collator, take_step's bookkeeping, the stop agreement) on a run built by the real
+    `setup`, with --log.profile_steps null. The same copies as train_step alone, none more."""
+    from conftest import TINY
+
+    from dtrain.config import parse_config
+    from dtrain.profiling import OFF
+    from dtrain.train import setup, take_step
+
+    fresh_accelerator()  # Accelerate's singletons from earlier tests: setup builds its own accelerator
+    argv = [*TINY, "--output_dir", str(tmp_path / "run"), "--train.gradient_accumulation_steps", "2"]
+    run = setup(parse_config(argv), argv)
+    state = run.state
+    assert run.profiler is OFF
+
+    def loop_body():  # main()'s loop body, less the log, eval and save of their own steps
+        run.profiler.begin(state.step + 1)
+        window = run.next_window()
+        take_step(run, window)
+        run.profiler.end(state.step)
+        run.stop.agreed()
+
+    try:
+        run.model.train()
+        loop_body()  # the first builds the epoch's order: a CPU generator's permutation, once per epoch
+        with count_host_copies() as calls:
+            for _ in range(3):
+                loop_body()
+    finally:
+        run.stop.close()  # give the signal handlers back to pytest
+    assert state.step == 4
+    assert_only_verdict_and_detection(calls, steps=3, forwards=3 * 2)
