@@ -101,6 +101,8 @@ def _run_args(
         "1",
         "--log.progress_bar",
         "false",
+        "--log.plots",  # the tests' recipes draw nothing (dtrain plot draws afterwards)
+        "false",
         # strong enough that a parameter put in the wrong weight-decay group shows in the trained weights
         # (ZeRO-3's zero.Init partitions look 1-D: measured 5.5e-5 when they all lost their decay)
         "--optim.weight_decay",

@@ -80,7 +80,9 @@ def test_optimizer_state_bytes_and_profile_memory(quick):
     }
     assert bytes_per_param["adamw"] == pytest.approx(8.0, rel=0.01)
     assert 1.9 < bytes_per_param["adamw_8bit"] < 2.5 and 1.9 < bytes_per_param["adamw_8bit_ao"] < 2.5
-    for goal in _section(quick, "section_profiles")["goals"]:  # ddp and zero3 in quick mode
+    goals = _section(quick, "section_profiles")["goals"]  # zero3 in quick mode (all five: tests/test_plan.py)
+    assert goals
+    for goal in goals:
         assert goal["value"] == pytest.approx(1.0, abs=0.1), goal
 
 

@@ -416,6 +416,8 @@ def test_a_checkpoint_of_another_model_is_refused_before_it_is_read(tmp_path):
         "0",
         "--log.progress_bar",
         "false",
+        "--log.plots",  # the tests' recipes draw nothing (dtrain plot draws afterwards)
+        "false",
     ]
     assert_ok(run_train([*args, "--train.max_steps", "2"]))  # stops at step 2 with a checkpoint
     marker = json.loads((run / "checkpoints" / "step-00000002" / "dtrain_checkpoint.json").read_text())

@@ -263,6 +263,8 @@ def test_packed_pretrained_gpt2_agrees_across_profiles(gpt2_dir_and_data, tmp_pa
         "1",
         "--log.progress_bar",
         "false",
+        "--log.plots",  # the tests' recipes draw nothing (dtrain plot draws afterwards)
+        "false",
     ]
     assert_ok(
         run_train([*args, "--train.per_device_batch_size", "4", "--output_dir", str(tmp_path / "single")])

@@ -332,6 +332,8 @@ def test_the_lora_recipe_runs_on_the_embedded_default(tmp_path):
             "8",
             "--log.progress_bar",
             "false",
+            "--log.plots",  # the tests' recipes draw nothing (dtrain plot draws afterwards)
+            "false",
         ]
     )
     assert_ok(proc)

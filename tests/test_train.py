@@ -328,6 +328,8 @@ def test_windows_without_a_target_token_are_skipped_and_counted(tmp_path, tiny_m
             "0",
             "--log.progress_bar",
             "false",
+            "--log.plots",  # the tests' recipes draw nothing (dtrain plot draws afterwards)
+            "false",
         ]
     )
     assert_ok(proc)

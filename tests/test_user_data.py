@@ -24,6 +24,8 @@ FAST = [
     "1",
     "--log.progress_bar",
     "false",
+    "--log.plots",  # the tests' recipes draw nothing (dtrain plot draws afterwards)
+    "false",
     "--eval.max_new_tokens",
     "4",
     "--optim.lr",
