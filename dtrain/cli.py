@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from dtrain.process import guarded  # light: no torch
+
 USAGE = """usage: dtrain <command> [args]
 
 commands:
@@ -18,19 +20,16 @@ commands:
 """
 
 
+HEAVY = ("train", "prepare", "export", "plan", "plot-lr")  # these import torch and the Hugging Face libraries
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command in (
-        "train",
-        "prepare",
-        "export",
-        "plan",
-        "plot-lr",
-    ):  # these import torch and the Hugging Face libraries
+    if command in HEAVY:
         from dtrain import quiet
 
         quiet.install()
@@ -48,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         return slurm_main(rest)
     if command == "prepare":
         from dtrain.data.prepare import prepare_main
-        from dtrain.process import guarded
 
         return guarded(prepare_main, rest)
     if command == "export":
@@ -57,17 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         return export_main(rest)
     if command == "plan":
         from dtrain.plan import main as plan_main
-        from dtrain.process import guarded
 
         return guarded(plan_main, rest)
     if command == "plot":
         from dtrain.plots import plot_main
-        from dtrain.process import guarded
 
         return guarded(plot_main, rest)
     if command == "plot-lr":
         from dtrain.plots import plot_lr_main
-        from dtrain.process import guarded
 
         return guarded(plot_lr_main, rest)
     if command in ("-V", "--version"):

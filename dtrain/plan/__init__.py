@@ -102,16 +102,11 @@ class Plan:
 
 
 def make_plan(cfg: Config, gpus: int, nodes: int, device: Device, train_args: list[str]) -> Plan:
-    import torch
-
-    from dtrain.plan.activations import measure
     from dtrain.plan.choose import recommend, what_would_fit
     from dtrain.plan.model import shape_of
 
     shape = shape_of(cfg)
-    precision = cfg.train.mixed_precision or "no"
-    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, getattr(torch, cfg.model.dtype))
-    acts = measure(shape.config, compute, cfg.data.max_length)
+    acts = activations_of(shape, cfg, cfg.train.mixed_precision or "no")
     per_process = cfg.train.per_device_batch_size * cfg.train.gradient_accumulation_steps
     cands = candidates(cfg, gpus, nodes)
     rows, choice = recommend(shape, acts, cands, per_process, device.bytes, cfg)
@@ -127,6 +122,16 @@ def make_plan(cfg: Config, gpus: int, nodes: int, device: Device, train_args: li
     command = launch_command(choice, cfg, gpus, nodes, train_args) if choice else None
     advice = None if choice else what_would_fit(shape, acts, cands, per_process, device.bytes, cfg)
     return Plan(cfg, gpus, nodes, device, shape, acts, rows, extra, choice, command, advice, train_args)
+
+
+def activations_of(shape, cfg: Config, precision: str):
+    """The activations measured in the compute dtype: bf16/fp16 under mixed precision, else the weights'."""
+    import torch
+
+    from dtrain.plan.activations import measure
+
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, getattr(torch, cfg.model.dtype))
+    return measure(shape.config, compute, cfg.data.max_length)
 
 
 def refusal(
@@ -220,19 +225,12 @@ def memory_warning(profile_name: str, cfg: Config, gpus: int, nodes: int) -> str
     if seen is None:
         return None
     try:
-        import torch
-
-        from dtrain.plan.activations import measure
         from dtrain.plan.memory import estimate
         from dtrain.plan.model import shape_of
 
         shape = shape_of(cfg)
-        cand = next(c for c in candidates(cfg, gpus, nodes) if c.name == profile_name)
-        s = cand.setting
-        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            s.precision, getattr(torch, cfg.model.dtype)
-        )
-        e = estimate(shape, measure(shape.config, compute, cfg.data.max_length), s)
+        s = next(c for c in candidates(cfg, gpus, nodes) if c.name == profile_name).setting
+        e = estimate(shape, activations_of(shape, cfg, s.precision), s)
     except Exception:  # noqa: BLE001 (a launch is never stopped by its memory estimate)
         return None
     if e.total <= seen[0]:
