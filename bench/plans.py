@@ -11,15 +11,16 @@ class Plan:
     mode: str
     max_length: int = 256
     train_examples: int = 2000
-    sections: tuple[str, ...] = ("overhead", "throughput", "memory", "startup", "data")
+    sections: tuple[str, ...] = ("overhead", "throughput", "memory", "startup", "data", "checkpoint")
     # (batch, warm-up steps, measured steps, log every, repeats)
     overhead: tuple[int, int, int, int, int] = (8, 20, 300, 20, 5)
     throughput: tuple[int, int, int, int, int] = (16, 3, 24, 3, 5)
     gpt2_batch: int = 8  # the GPT-2 throughput cases: examples/step (the user report's batch)
     optimizers: tuple[str, ...] = ("adamw", "adamw_8bit", "adamw_8bit_ao")
     optim_steps: int = 3
-    profiles: tuple[str, ...] = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+    profiles: tuple[str, ...] = ("ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3")
     bigvocab: tuple[int, int] = (8, 3)  # batch, steps
+    checkpoint: tuple[int, int, int] = (12, 4, 2)  # steps, a save every, ranks (the "ckpt" model)
     startup_repeats: int = 3
     train_imports: bool = True  # also -X importtime on the training run (full mode)
     timeout: int = 900
@@ -34,11 +35,14 @@ CPU_MODELS = {
     "bigvocab": {"hidden": 64, "intermediate": 256, "layers": 2, "heads": 2, "vocab_size": 128256},
     # a user's GPT-2 directory: BPE trained on Python files, tied head, dropout 0.1 (throughput section)
     "gpt2": {"family": "gpt2", "hidden": 256, "layers": 4, "heads": 4, "vocab_size": 8192, "documents": 600},
+    # the checkpoint section: >= 100M parameters (134M: 12 x 768 wide, a 32k vocabulary, untied)
+    "ckpt": {"hidden": 768, "intermediate": 2048, "layers": 12, "heads": 12, "vocab_size": 32000},
 }
 # quick: the GPT-2 cases run too, on a tiny model and corpus (they prove the case works, judge nothing)
 QUICK_MODELS = {
     **CPU_MODELS,
     "gpt2": {"family": "gpt2", "hidden": 64, "layers": 2, "heads": 2, "vocab_size": 1024, "documents": 40},
+    "ckpt": {"hidden": 64, "intermediate": 256, "layers": 2, "heads": 2},
 }
 
 PLANS = {
@@ -51,6 +55,7 @@ PLANS = {
         optim_steps=2,
         profiles=("zero3",),  # the probe works; every profile's bytes: tests/test_plan.py, shared runs
         bigvocab=(8, 2),
+        checkpoint=(4, 2, 2),
         startup_repeats=1,
         train_imports=False,
         timeout=300,

@@ -107,6 +107,7 @@ from pathlib import Path
 
 from plans import PLANS
 from runner import BENCH, REPO, Ctx, prepare
+from sections.checkpoint import section_checkpoint
 from sections.data import section_data_large, section_data_prepare, section_data_startup
 from sections.gpu import section_gpu
 from sections.memory import section_loss_memory, section_optim_state, section_profiles
@@ -125,6 +126,7 @@ SECTIONS = {  # --only names -> the section functions, in order; a section's JSO
     "startup": [section_startup],
     "gpu": [section_gpu],
     "data": [section_data_prepare, section_data_startup, section_data_large],
+    "checkpoint": [section_checkpoint],
 }
 
 

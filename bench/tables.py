@@ -276,7 +276,35 @@ def _data_large(t, sec: dict) -> None:
         )
 
 
+def _checkpoint(t, sec: dict) -> None:
+    """6: per save, the training thread's blocked time and the time to the commit."""
+    for col in (
+        "case",
+        "saves",
+        "blocked s",
+        "committed s",
+        "step after a save s",
+        "other steps s",
+        "peak RSS MiB",
+        "note",
+    ):
+        t.add_column(col, justify="left" if col in ("case", "note") else "right")
+    for c in sec["cases"]:
+        r = c.repeats[-1] if c.repeats else {}
+        t.add_row(
+            c.label,
+            fmt(r.get("saves")),
+            fmt(r.get("blocked_s"), ".3f"),
+            fmt(r.get("committed_s"), ".2f"),
+            fmt(r.get("step_after_save_s"), ".3f"),
+            fmt(r.get("others_s"), ".3f"),
+            fmt(r.get("peak_rss_mib")),
+            status_text(c),
+        )
+
+
 FILL = {
+    "section_checkpoint": _checkpoint,
     "section_overhead": _speed,
     "section_throughput": _speed,
     "section_gpu": _speed,

@@ -20,11 +20,13 @@ Old checkpoints are deleted only after a newer one is committed.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import random
 import shutil
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -34,9 +36,11 @@ import torch
 import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
+from dtrain.background_save import REFUSED_UNDER_DEEPSPEED, BackgroundSave
 from dtrain.config import Config, UserError, flatten
 from dtrain.data.prepare import FORMAT_VERSION as DATA_FORMAT
 from dtrain.data.prepare import stream_change
+from dtrain.mesh import mesh_of
 
 MARKER = "dtrain_checkpoint.json"
 STEP_PREFIX = "step-"
@@ -47,6 +51,17 @@ DS_TAG = "ds"
 DS_UNIVERSAL_TAG = (
     "ds_universal"  # DeepSpeed's universal checkpoint, converted from DS_TAG for a new world size
 )
+
+
+@dataclass
+class Snapshot:
+    """A checkpoint's content at its save step: what the files and the marker will hold."""
+
+    dcp: dict | None  # model and optimizer state (None under DeepSpeed); host copies for a background save
+    rng: dict
+    scheduler: dict
+    scaler: dict | None
+    train_state: dict
 
 
 class CheckpointError(UserError):
@@ -352,7 +367,7 @@ def profile_name(accelerator) -> str:
     if kind == "DEEPSPEED":
         return f"zero{accelerator.state.deepspeed_plugin.zero_stage}"
     if kind == "FSDP":
-        return "fsdp"
+        return "hsdp" if mesh_of(accelerator) else "fsdp"
     return "single" if accelerator.num_processes == 1 else "ddp"
 
 
@@ -442,15 +457,84 @@ class Checkpointer:
         self.identity = identity  # modeling.model_identity of the model before wrapping
         self.deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
         self.adapters_only = cfg.peft.method != "none"
+        self.save_times: list[dict] = []  # committed saves' timings, popped into the metrics rows
+        self.background: BackgroundSave | None = None  # --checkpoint.async_save: the writer thread
+        if cfg.checkpoint.async_save:
+            if self.deepspeed:
+                raise UserError(REFUSED_UNDER_DEEPSPEED)
+            self.background = BackgroundSave(accelerator, cfg.train.collective_timeout_s)
 
     # -- save ----------------------------------------------------------------------------------
 
-    def save(self) -> Path:
-        """Write, agree, commit, rotate. Returns the committed directory."""
-        acc, step = self.acc, self.state.step
+    def save(self, wait: bool = False) -> Path:
+        """Write, agree, commit, rotate. Returns the committed directory; with --checkpoint.async_save the
+        one the save in flight commits to (`wait`: return only once it is committed). Any save in flight
+        lands first: at most one is, and its failure is raised here, on every rank alike."""
+        self.wait()
+        step = self.state.step
         final = self.root / step_dir_name(step)
         if (final / MARKER).is_file() and verify(final) is None:
             return final  # this step is already committed (a run resumed at its last step)
+        started = time.perf_counter()
+        snap = self._snapshot()
+        if self.background is None:
+            self._save(snap, final, in_writer=False)
+            self._timed(step, started, time.perf_counter())
+            return final
+
+        blocked_until = time.perf_counter()  # staged: the training thread goes on once the writer starts
+
+        def write() -> None:
+            self._save(snap, final, in_writer=True)
+            self._timed(step, started, blocked_until)
+
+        self.background.start(write)
+        if wait:
+            self.wait()
+        return final
+
+    def _timed(self, step: int, started: float, blocked_until: float) -> None:
+        """A committed save's times: how long the training thread was held, and until the commit."""
+        now = time.perf_counter()
+        self.save_times.append(
+            {"save_step": step, "save_blocked_s": blocked_until - started, "save_committed_s": now - started}
+        )
+
+    def pop_save_times(self) -> dict:
+        """The newest save committed since the last call (for the next metrics row), else nothing."""
+        times, self.save_times = self.save_times, []
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in times[-1].items()} if times else {}
+
+    def wait(self) -> None:
+        """Until the background save in flight (if any) is committed; its failure is raised here."""
+        if self.background is not None:
+            self.background.wait()
+
+    def committed(self) -> list[Path]:
+        """The committed checkpoints, oldest first, the one in flight included once it has landed."""
+        self.wait()
+        return complete_checkpoints(self.root)
+
+    def _snapshot(self) -> Snapshot:
+        """Everything the checkpoint's files and marker hold, as of now. For a background save the model and
+        optimizer tensors are staged to host memory: training may change the live ones at once."""
+        dcp_state = None if self.deepspeed else self._dcp_state()
+        if dcp_state is not None and self.background is not None:
+            dcp_state = self.background.stage(dcp_state)
+        scaler = self.acc.scaler
+        return Snapshot(
+            dcp=dcp_state,
+            rng=_rng_state(),
+            scheduler=copy.deepcopy(self.scheduler.state_dict()),
+            scaler=copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
+            train_state=copy.deepcopy(self.state.state_dict()),
+        )
+
+    def _save(self, snap: Snapshot, final: Path, in_writer: bool) -> None:
+        """The commit protocol: each rank writes its files into a temporary directory, all agree, rank 0
+        renames it into place and writes the marker last, all agree. Run by the training thread, or by
+        every rank's writer thread (agreeing on the writers' own group)."""
+        acc = self.acc
         tmp = self.root / f"{TMP_PREFIX}{final.name}"
         error: BaseException | None = None
         if acc.is_main_process:
@@ -460,26 +544,32 @@ class Checkpointer:
                 tmp.mkdir(parents=True)
             except OSError as exc:
                 error = exc
-        self._agree(error, final, tmp)
+        self._agree(error, final, tmp, in_writer)
         try:
-            self._write(tmp)
+            self._write(tmp, snap)
         except (Exception, CheckpointException) as exc:  # disk full, permission denied, a failed shard
             error = exc
-        self._agree(error, final, tmp)
+        if self.background is not None and in_writer:
+            self.background.written()
+        self._agree(error, final, tmp, in_writer)
         if acc.is_main_process:
             try:
-                self._commit(tmp, final)
+                self._commit(tmp, final, snap)
             except Exception as exc:
                 error = exc
-        self._agree(error, final, tmp)
-        return final
+        self._agree(error, final, tmp, in_writer)
 
-    def _agree(self, error: BaseException | None, final: Path, tmp: Path) -> None:
+    def _agree(self, error: BaseException | None, final: Path, tmp: Path, in_writer: bool) -> None:
         """All ranks learn whether any rank failed, so they all stop together instead of hanging."""
-        failed = torch.tensor([0.0 if error is None else 1.0], device=self.acc.device)
-        if self.acc.num_processes > 1:
-            failed = self.acc.reduce(failed, reduction="sum")
-        if failed.item() == 0:
+        if in_writer:  # the writers' own gloo group, CPU tensors
+            assert self.background is not None
+            failed = self.background.agree(error is not None)
+        else:
+            flag = torch.tensor([0.0 if error is None else 1.0], device=self.acc.device)
+            if self.acc.num_processes > 1:
+                flag = self.acc.reduce(flag, reduction="sum")
+            failed = flag.item() != 0
+        if not failed:
             return
         if self.acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -496,7 +586,7 @@ class Checkpointer:
             "Free disk space or fix permissions under --output_dir, then rerun to resume"
         )
 
-    def _write(self, tmp: Path) -> None:
+    def _write(self, tmp: Path, snap: Snapshot) -> None:
         acc = self.acc
         if self.deepspeed:
             self.model.save_checkpoint(
@@ -508,16 +598,19 @@ class Checkpointer:
         else:
             import torch.distributed.checkpoint as dcp
 
+            group = self.background.group if self.background is not None else None
             with quiet_single_process():
-                dcp.save(self._dcp_state(), checkpoint_id=str(tmp / "dcp"), no_dist=not _distributed())
+                dcp.save(
+                    snap.dcp, checkpoint_id=str(tmp / "dcp"), process_group=group, no_dist=not _distributed()
+                )
         rng_dir = tmp / "rng"
         rng_dir.mkdir(exist_ok=True)
-        torch.save(_rng_state(), rng_dir / f"rank-{acc.process_index:05d}.pt")
+        torch.save(snap.rng, rng_dir / f"rank-{acc.process_index:05d}.pt")
         if acc.is_main_process:
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            if acc.scaler is not None:
-                torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
-            unwrapped = acc.unwrap_model(self.model)
+            torch.save(snap.scheduler, tmp / "scheduler.pt")
+            if snap.scaler is not None:
+                torch.save(snap.scaler, tmp / "scaler.pt")
+            unwrapped = acc.unwrap_model(self.model)  # config, generation config, tokenizer: fixed in a run
             unwrapped.config.save_pretrained(tmp / "hf")
             if getattr(unwrapped.config, "auto_map", None):  # remote-code models: their modeling files too
                 from transformers.dynamic_module_utils import custom_object_save
@@ -527,7 +620,7 @@ class Checkpointer:
                 unwrapped.generation_config.save_pretrained(tmp / "hf")
             self.tokenizer.save_pretrained(tmp / "hf")
             (tmp / "config.yaml").write_text(self.config_yaml)
-            (tmp / "train_state.json").write_text(json.dumps(self.state.state_dict(), indent=2))
+            (tmp / "train_state.json").write_text(json.dumps(snap.train_state, indent=2))
 
     def _options(self):
         """Adapters (--peft.method): only what trains is saved and loaded; the frozen base comes from its
@@ -552,34 +645,37 @@ class Checkpointer:
             model_sd = {k: v for k, v in model_sd.items() if k in trains}
         return {"model": model_sd, "optim": optim_sd}
 
-    def _commit(self, tmp: Path, final: Path) -> None:
+    def _commit(self, tmp: Path, final: Path, snap: Snapshot) -> None:
         files = _fsync_tree(tmp)
         if final.exists():  # a leftover without a valid marker
             shutil.rmtree(final)
         os.replace(tmp, final)
-        write_json_atomic(final / MARKER, self._marker(files))
+        write_json_atomic(final / MARKER, self._marker(files, snap.train_state))
         _fsync_dir(self.root)
         c = self.ckpt_cfg
         rotate(self.root, c.keep_last, c.keep_every, self.metric if c.keep_best else None)
 
-    def _marker(self, files: list[dict]) -> dict:
-        acc, s = self.acc, self.state
+    def _marker(self, files: list[dict], ts: dict) -> dict:
+        """What the checkpoint holds, from the snapshot's train state `ts` (not the live one: a background
+        save commits while later steps run)."""
+        acc = self.acc
         return {
-            "step": s.step,
+            "step": ts["step"],
             "format": "deepspeed" if self.deepspeed else "dcp",
             "world_size": acc.num_processes,
             "profile": profile_name(acc),
             "distributed_type": acc.distributed_type.name,
+            "mesh": grid.dims() if (grid := mesh_of(acc)) else None,
             "zero_stage": acc.state.deepspeed_plugin.zero_stage if self.deepspeed else None,
             "mixed_precision": acc.mixed_precision,
             "global_batch": self.global_batch,
             "data_format": DATA_FORMAT,
             "config_sha256": config_hash(self.config_yaml),
             "model": self.identity,
-            "eval": {"metric": self.metric, "value": s.last_eval_metric}
-            if s.last_eval_step == s.step
+            "eval": {"metric": self.metric, "value": ts["last_eval_metric"]}
+            if ts["last_eval_step"] == ts["step"]
             else None,
-            "train_state": s.state_dict(),
+            "train_state": ts,
             "files": files,
         }
 
@@ -602,6 +698,7 @@ class Checkpointer:
             return torch.load(path, weights_only=False)  # dtrain's own file in the run's own directory
 
     def load(self, path: Path) -> None:
+        self.wait()  # a rollback while a save is in flight: it may be the newest checkpoint
         acc = self.acc
         if self.deepspeed:
             universal = self.model.load_universal_checkpoint()  # set by check_continuity for a new world size

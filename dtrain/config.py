@@ -263,6 +263,10 @@ class CheckpointConfig:
     one is set aside and the one before it used); never: always start fresh; or a checkpoint path."""
     allow_config_change: bool = False
     """Resume even though model, data, seed, batch, optimizer or precision differ from the checkpoint's run."""
+    async_save: bool = False
+    """Save in the background: the save step copies the state to host memory (one extra copy of this rank's
+    model and optimizer state) and training goes on while a writer thread writes, agrees and commits it.
+    DCP profiles only (single_gpu, ddp, fsdp, hsdp); refused under DeepSpeed."""
 
 
 @dataclass

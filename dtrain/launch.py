@@ -5,6 +5,7 @@ training modules beyond the config schema (to validate the training flags up fro
 
     dtrain launch zero3 --gpus 8 -- --config my.yaml
     dtrain launch fsdp --cpu --gpus 2 -- --train.max_steps 20      # rehearse on 2 CPU processes (gloo)
+    dtrain launch hsdp --cpu --gpus 4 --replicas 2 -- ...          # a 2 x 2 mesh (dp_replicate x dp_shard)
     dtrain launch ddp --nodes 2 --node-rank 0 --main-address 10.0.0.1:29500 -- --config my.yaml
 """
 
@@ -23,8 +24,10 @@ from pathlib import Path
 
 import yaml
 
+from dtrain.background_save import REFUSED_UNDER_DEEPSPEED
 from dtrain.config import Config, ConfigError, UserError, parse_config
 from dtrain.guards import deepspeed_check_off
+from dtrain.mesh import ASKED, Mesh
 from dtrain.peft import qlora_refusal
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,6 +51,11 @@ class Profile:
         """single, ddp, fsdp or deepspeed."""
         dist = self.settings.get("distributed_type", "NO")
         return {"DEEPSPEED": "deepspeed", "FSDP": "fsdp", "MULTI_GPU": "ddp"}.get(dist, "single")
+
+    @property
+    def has_mesh(self) -> bool:
+        """A 2-D data-parallel mesh (hsdp): the YAML has a parallelism_config block."""
+        return bool(self.settings.get("parallelism_config"))
 
     @property
     def zero_stage(self) -> int | None:
@@ -148,6 +156,8 @@ def preflight(
         )
     if profile.kind == "deepspeed":
         problems += deepspeed_conflicts(profile, cfg, gpus * nodes)
+        if cfg.checkpoint.async_save:
+            problems.append(REFUSED_UNDER_DEEPSPEED)
     refusal = qlora_refusal(profile.kind) if cfg.peft.method == "qlora" else None
     if refusal:
         problems.append(
@@ -164,6 +174,19 @@ def preflight(
     if opt == "adamw_8bit_ao" and importlib.util.find_spec("torchao") is None:
         problems.append(f"--optim.name {opt} needs torchao: pip install 'dtrain[torchao]'")
     return problems
+
+
+def mesh_problems(profile: Profile, processes: int, nodes: int, replicas: int | None) -> list[str]:
+    """--replicas against the profile and the job's size."""
+    if not profile.has_mesh:
+        return [] if replicas is None else [f"--replicas is for the hsdp profile, not {profile.name}"]
+    r = nodes if replicas is None else replicas
+    if r < 1 or processes % r:
+        return [
+            f"--replicas {r} must divide the job's {processes} processes (dp_shard = processes / replicas); "
+            f"choose one of {', '.join(str(d) for d in range(1, processes + 1) if processes % d == 0)}"
+        ]
+    return []
 
 
 def deepspeed_conflicts(profile: Profile, cfg: Config, processes: int) -> list[str]:
@@ -224,8 +247,10 @@ def build_command(
     address: str | None,
     cpu: bool,
     train_args: list[str],
+    replicas: int | None = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """The `accelerate launch` command and the environment it needs."""
+    """The `accelerate launch` command and the environment it needs. `replicas`: dp_replicate of a mesh
+    profile (hsdp), default one per node."""
     cmd = [
         sys.executable,
         "-m",
@@ -246,6 +271,15 @@ def build_command(
     env["PET_SHUTDOWN_TIMEOUT"] = os.environ.get("PET_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
     if profile.ds_config_path is not None:  # absolute, so the launch works from any directory
         cmd += ["--deepspeed_config_file", str(profile.ds_config_path)]
+    if profile.has_mesh:  # the sizes on the command line override the YAML's `auto`; the ranks check them
+        grid = Mesh(replicas or nodes, processes * nodes // (replicas or nodes))
+        cmd += [
+            "--parallelism_config_dp_replicate_size",
+            str(grid.replicate),
+            "--parallelism_config_dp_shard_size",
+            str(grid.shard),
+        ]
+        env[ASKED] = grid.env()
     if nodes > 1:
         host, _, port = (address or "").partition(":")
         cmd += [
@@ -288,6 +322,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--nodes", type=int, default=1, help="machines in the job")
     parser.add_argument("--node-rank", type=int, default=0, help="this machine's rank (0 = the head)")
     parser.add_argument("--main-address", help="HOST[:PORT] of the head node (required with --nodes > 1)")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        help="hsdp: dp_replicate, the number of sharded replicas (default: one per node); dp_shard = processes / it",
+    )
     parser.add_argument("--cpu", action="store_true", help="rehearse the profile on CPU processes over gloo")
     parser.add_argument(
         "--dry-run", action="store_true", help="check everything, print the command, start nothing"
@@ -328,10 +367,11 @@ def launch(args: argparse.Namespace, train_args: list[str]) -> int:
         if warning:
             print(warning, file=sys.stderr, flush=True)
     problems = preflight(profile, cfg, gpus, args.cpu, present, bf16_ok, nodes=args.nodes)
+    problems += mesh_problems(profile, gpus * args.nodes, args.nodes, args.replicas)
     if problems:
         raise UserError("; ".join(problems))
     cmd, env = build_command(
-        profile, gpus, args.nodes, args.node_rank, args.main_address, args.cpu, train_args
+        profile, gpus, args.nodes, args.node_rank, args.main_address, args.cpu, train_args, args.replicas
     )
     shown = " ".join(f"{k}={v}" for k, v in env.items())
     print(f"dtrain launch: {(shown + ' ') if shown else ''}{shlex.join(cmd)}", flush=True)

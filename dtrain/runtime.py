@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from dtrain import mesh
 from dtrain.config import Config, UserError, flatten
 from dtrain.guards import deepspeed_check_off
 
@@ -44,23 +45,27 @@ def build_accelerator(cfg: Config):
         from accelerate.utils import TorchDynamoPlugin
 
         kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", use_regional_compilation=True)
-    try:
-        accelerator = Accelerator(
-            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-            log_with=report_to,
-            project_config=ProjectConfiguration(
-                project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")
-            ),
-            kwargs_handlers=handlers,
-            **kwargs,
-        )
-    except (ValueError, ImportError) as exc:  # e.g. bf16 on a GPU without it, a tracker not installed
-        raise UserError(f"could not set up Accelerate: {' '.join(str(exc).split())[:300]}") from None
+    with mesh.held_back() as cpu_mesh:  # hsdp: Accelerate refuses a mesh on CPU ranks before FSDP is on
+        try:
+            accelerator = Accelerator(
+                gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+                log_with=report_to,
+                project_config=ProjectConfiguration(
+                    project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")
+                ),
+                kwargs_handlers=handlers,
+                **kwargs,
+            )
+        except (ValueError, ImportError) as exc:  # e.g. bf16 on a GPU without it, a tracker not installed
+            raise UserError(f"could not set up Accelerate: {' '.join(str(exc).split())[:300]}") from None
     enable_fsdp_on_cpu(accelerator)
+    if cpu_mesh is not None:
+        mesh.apply(accelerator, cpu_mesh)
     configure_deepspeed(accelerator, cfg)
     check_world(accelerator)
     check_optimizer_support(accelerator, cfg)
     check_launch_request(accelerator)
+    mesh.check(accelerator, launcher_settings() if "WORLD_SIZE" in os.environ else None)
     return accelerator
 
 
@@ -106,6 +111,17 @@ def check_launch_request(accelerator) -> None:
 
 def _launcher_num_processes(pid: int) -> int | None:
     """--num_processes of the `accelerate launch` process `pid` (or its config file's), else None."""
+    args = _launcher_args(pid)
+    if args is None:
+        return None
+    if args.num_processes is not None:
+        return args.num_processes
+    return int(launcher_settings(pid, args).get("num_processes") or 0) or None
+
+
+def _launcher_args(pid: int):
+    """The parsed command line of the `accelerate launch` process `pid` (Accelerate's own parser), or None
+    when `pid` is not one (not Linux, the parent is gone, another program)."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:  # not Linux, or the parent is gone
@@ -131,25 +147,31 @@ def _launcher_num_processes(pid: int) -> int | None:
         from accelerate.commands.launch import launch_command_parser
 
         with contextlib.redirect_stderr(io.StringIO()):
-            args = launch_command_parser().parse_args(rest)
+            return launch_command_parser().parse_args(rest)
     except BaseException:  # SystemExit from argparse: a command line this Accelerate does not read
         return None
-    if args.num_processes is not None:
-        return args.num_processes
+
+
+def launcher_settings(pid: int | None = None, args=None) -> dict:
+    """The config file of the `accelerate launch` that started this process (its --config_file, else
+    Accelerate's default one) as a dict; empty when there is none or it cannot be read."""
+    args = args if args is not None else _launcher_args(os.getppid() if pid is None else pid)
+    if args is None:
+        return {}
     config_file = args.config_file
     if config_file is None:
         from accelerate.commands.config import default_config_file
 
         config_file = default_config_file if os.path.isfile(default_config_file) else None
     if config_file is None:
-        return None
+        return {}
     try:
         import yaml
 
         settings = yaml.safe_load(Path(config_file).read_text()) or {}
-        return int(settings.get("num_processes") or 0) or None
-    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
-        return None
+    except (OSError, yaml.YAMLError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
 
 
 # Accelerate versions whose internals `enable_fsdp_on_cpu` was written and tested against.
@@ -326,7 +348,8 @@ def redact_argv(argv: list[str]) -> list[str]:
 
 def describe_launch(accelerator) -> str:
     """The start-up line's account of the launch, as prose: `single process on cpu`, `ddp x 2 on cpu`,
-    `fsdp x 16 on 2 nodes`, `zero3 x 8` (run_info.json keeps Accelerate's own names)."""
+    `fsdp x 16 on 2 nodes`, `hsdp 2x8 x 16 on 2 nodes` (dp_replicate x dp_shard), `zero3 x 8` (run_info.json
+    keeps Accelerate's own names)."""
     from accelerate.utils import DistributedType
 
     kind, world = accelerator.distributed_type, accelerator.num_processes
@@ -338,7 +361,8 @@ def describe_launch(accelerator) -> str:
         )
         name = f"zero{stage}"
     elif kind == DistributedType.FSDP:
-        name = "fsdp"
+        grid = mesh.mesh_of(accelerator)
+        name = f"hsdp {grid.replicate}x{grid.shard}" if grid else "fsdp"
     else:  # MULTI_CPU, MULTI_GPU and the other data-parallel types
         name = "ddp"
     nodes = world // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))

@@ -4,8 +4,9 @@
     dtrain slurm zero3 --nodes 4 --account proj --dry-run -- --config my.yaml   # print it, submit nothing
 
 The job scripts read their settings from the environment (PROFILE, RECIPE, OUTPUT_DIR, TRAIN_ARGS,
-MAX_RESTARTS, GPUS_PER_NODE, PYTHON), which sbatch passes on; this command fills them and the common sbatch
-options in, checks the profile and the training flags first, and prints the exact command. Launch side only.
+MAX_RESTARTS, GPUS_PER_NODE, REPLICAS, PYTHON), which sbatch passes on; this command fills them and the
+common sbatch options in, checks the profile and the training flags first, and prints the exact command.
+Launch side only.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import subprocess
 import sys
 
 from dtrain.config import ConfigError, UserError, parse_config
-from dtrain.launch import REPO, list_profiles, load_profile, split_train_args
+from dtrain.launch import REPO, list_profiles, load_profile, mesh_problems, split_train_args
 
 SCRIPTS = REPO / "launch" / "slurm"
 
@@ -47,6 +48,8 @@ def build_sbatch(args: argparse.Namespace, train_args: list[str]) -> tuple[list[
         env["MAX_RESTARTS"] = str(args.max_restarts)
     if args.gpus_per_node:
         env["GPUS_PER_NODE"] = str(args.gpus_per_node)
+    if args.replicas:
+        env["REPLICAS"] = str(args.replicas)
     return cmd, env
 
 
@@ -64,6 +67,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--gpus-per-node", type=int, help="GPUs per node (--gres=gpu:N); none: the node's CPUs"
     )
+    parser.add_argument("--replicas", type=int, help="hsdp: dp_replicate (REPLICAS; default one per node)")
     parser.add_argument("--cpus-per-task", type=int, help="CPU cores for each node's launcher and its ranks")
     parser.add_argument("--time", help="time limit, e.g. 24:00:00 (the job stops and requeues before it)")
     parser.add_argument("--partition", help="Slurm partition")
@@ -87,13 +91,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def submit(args: argparse.Namespace, train_args: list[str]) -> int:
-    load_profile(args.profile)  # an unknown profile fails here, not in the queue hours later
+    profile = load_profile(args.profile)  # an unknown profile fails here, not in the queue hours later
     if args.nodes < 1:
         raise UserError(f"--nodes must be >= 1 (got {args.nodes})")
     if args.gpus_per_node is not None and args.gpus_per_node < 1:
         raise UserError(f"--gpus-per-node must be >= 1 (got {args.gpus_per_node})")
     if args.max_restarts is not None and args.max_restarts < 0:
         raise UserError(f"--max-restarts must be >= 0 (got {args.max_restarts})")
+    if args.replicas is not None and (args.gpus_per_node or not profile.has_mesh):
+        problems = mesh_problems(profile, (args.gpus_per_node or 1) * args.nodes, args.nodes, args.replicas)
+        if problems:
+            raise UserError("; ".join(problems))
     if args.recipe and not os.path.isfile(args.recipe):
         raise UserError(f"--recipe: file '{args.recipe}' does not exist")
     try:  # the training flags, as the job will read them

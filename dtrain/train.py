@@ -29,12 +29,12 @@ quiet.install()  # before torch and the Hugging Face libraries print their impor
 
 import torch
 
+from dtrain.background_save import staging_line
 from dtrain.checkpoint import (
     Checkpointer,
     TrainState,
     check_continuity,
     check_model_identity,
-    complete_checkpoints,
 )
 from dtrain.config import Config, flatten, parse_config
 from dtrain.data import (
@@ -50,6 +50,7 @@ from dtrain.evaluation import report_samples, run_eval, track_best
 from dtrain.export import export_final
 from dtrain.guards import NONFINITE_EXIT_CODE, NonfiniteGuard, RunHalted
 from dtrain.loss import check_chunked_loss, count_targets, forward_logits, forward_loss_sum, use_chunked_loss
+from dtrain.mesh import describe as describe_mesh
 from dtrain.metrics import MetricsLogger, StepStats
 from dtrain.modeling import (
     attn_implementation,
@@ -303,6 +304,7 @@ def record_run(run: Run, argv: list[str], resumed_from: Path | None, changes: li
         info = run_info(acc, cfg, argv, run.data.stats, run.num_params)
         info["distributed"]["sharded_parameters"] = count_sharded(run.model)
         info["distributed"]["fsdp_units"] = fsdp_unit_classes(run.model)
+        info["distributed"]["mesh"] = describe_mesh(run.model, acc)  # hsdp: dims and placements
         info["compiled_modules"] = compiled_modules(run.model)
         info["peft"] = adapters
         if resumed_from is not None:
@@ -323,6 +325,8 @@ def record_run(run: Run, argv: list[str], resumed_from: Path | None, changes: li
         f"{'step' if run.max_steps == 1 else 'steps'}; "
         f"{run.data.describe()}" + (f"; {describe(adapters)}" if adapters else "")
     )
+    if run.checkpointer.background is not None:
+        run.logger.write(staging_line(run.model, cfg.optim.name))
     if len(run.data.names) > 1:
         run.logger.write(run.data.mix(run.max_steps * run.global_batch))
     for warning in run.data.warnings:
@@ -486,7 +490,7 @@ def halt(run: Run, message: str) -> None:
     """Stop every rank here with NONFINITE_EXIT_CODE, saving nothing: the newest checkpoint is the resume
     point. (All ranks call this alike, so the stop round in flight is finished by all.)"""
     run.stop.close()
-    last = complete_checkpoints(run.checkpointer.root)
+    last = run.checkpointer.committed()  # a background save in flight lands first
     resume = (
         f"the newest checkpoint {last[-1].name} is the resume point" if last else "no checkpoint was saved"
     )
@@ -521,7 +525,7 @@ def roll_back(run: Run) -> None:
     bad, counts = run.rollback_from, (state.nonfinite_steps, state.rollbacks + 1)
     assert bad is not None  # the loop rolls back only after a faulted window
     run.rollback_from = None
-    last = complete_checkpoints(run.checkpointer.root)
+    last = run.checkpointer.committed()  # a background save in flight lands first
     if not last:  # nothing to go back to: the update was not applied, so this is a skip
         state.rollbacks += 1
         run.logger.write(
@@ -562,6 +566,7 @@ def log_train(run: Run, grad_norm) -> None:
                 for n, t in zip(run.data.names, state.source_tokens, strict=True)
             }
         )
+    row.update(run.checkpointer.pop_save_times())  # the newest save since the last row: blocked, committed
     if not run.state_reported:  # the optimizer state exists after one step
         row.update(optimizer_state_row(acc, run.optimizer, run.trained_params))  # per parameter it updates
         row.update(run.held.row())  # what this rank holds, beside `dtrain plan`'s estimate
@@ -596,7 +601,7 @@ def finish(run: Run) -> None:
         evaluate(run, state.step, final=True)
     run.stop.close()
     run.profiler.close()  # a run that ended inside --log.profile_steps (early stopping)
-    last = run.checkpointer.save()  # a no-op when this step is already committed (early stop, resumed end)
+    last = run.checkpointer.save(wait=True)  # a no-op when already committed (early stop, resumed end)
     export_final(acc, last, out / "final")
     if acc.is_main_process:
         record_end(
@@ -624,7 +629,7 @@ def source_shares(run: Run) -> dict:
 def stop_on_request(run: Run, signal_name: str) -> int:
     """After the agreed stop's checkpoint: say why in run_info.json and the log, exit with STOP_EXIT_CODE."""
     run.stop.close()
-    last = run.checkpointer.save()  # already committed in the loop: returns its path
+    last = run.checkpointer.save(wait=True)  # saved in the loop: returns its path once committed
     end_early(
         run,
         "stop_request",

@@ -85,7 +85,40 @@ def run_accelerate(
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def launch_cmd(profile: str, args: list[str], gpus: int = 2) -> list[str]:
+def accelerate_with_profile(
+    profile: str, launcher_args: list[str], args: list[str], **env: str
+) -> subprocess.CompletedProcess:
+    """A plain `accelerate launch --config_file accelerate_configs/PROFILE.yaml LAUNCHER_ARGS train.py ARGS`,
+    as a user types it by hand (not through dtrain launch)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / f"{profile}.yaml"),
+        *launcher_args,
+        "--main_process_port",
+        str(_free_port()),
+        str(TRAIN),
+        *args,
+    ]
+    return subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env_for_subprocess(**env)
+    )
+
+
+def mount_tmpfs(path: Path, size_kb: int) -> bool:
+    """A real small disk under `path` (root with CAP_SYS_ADMIN), to fill up; False where mounting is refused."""
+    path.mkdir(parents=True, exist_ok=True)
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
+
+
+def launch_cmd(profile: str, args: list[str], gpus: int = 2, launch_args: tuple[str, ...] = ()) -> list[str]:
     """`dtrain launch PROFILE --cpu`: the profile rehearsed on gloo ranks."""
     port = f"127.0.0.1:{_free_port()}"
     return [
@@ -99,14 +132,17 @@ def launch_cmd(profile: str, args: list[str], gpus: int = 2) -> list[str]:
         str(gpus),
         "--main-address",
         port,
+        *launch_args,
         "--",
         *args,
     ]
 
 
-def dtrain_launch(profile: str, args: list[str], gpus: int = 2, **env: str) -> subprocess.CompletedProcess:
+def dtrain_launch(
+    profile: str, args: list[str], gpus: int = 2, launch_args: tuple[str, ...] = (), **env: str
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        launch_cmd(profile, args, gpus),
+        launch_cmd(profile, args, gpus, launch_args),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -151,8 +187,8 @@ def straight_long_ddp(tmp_path_factory) -> Path:
 
 
 # Uninterrupted 6-step runs with a checkpoint at steps 3 and 6, as one process (8 examples a step) and under
-# each launch profile on 2 CPU ranks (2 x 4): the profile matrix compares them, the resharding tests resume
-# their checkpoints elsewhere. Each is made once per session, on first use; tests only read them.
+# each launch profile on 2 CPU ranks (2 x 4), hsdp on 4 (2 x 2 mesh, 4 x 2): the profile matrix and
+# tests/test_mesh.py compare them, the resharding tests resume their checkpoints elsewhere. Each is made once per session, on first use; tests only read them.
 # 64 wide: DeepSpeed pads each rank's gradient partition (1,680 elements here), which at the smoke recipe's
 # 24k parameters would be 14% of zero1's gradients (tests/test_plan.py compares the bytes every rank holds)
 PROFILE_SHAPE = [
@@ -161,6 +197,9 @@ PROFILE_SHAPE = [
     *("--train.max_steps", "6", "--checkpoint.save_steps", "3", "--eval.steps", "3"),
 ]
 ONE_PROCESS = ["--train.per_device_batch_size", "8"]
+# hsdp: a 2 x 2 mesh (dp_replicate x dp_shard) on 4 CPU ranks, 4 x 2 a step; one thread a rank (4 ranks on 2 cores)
+HSDP_2X2 = {"gpus": 4, "launch_args": ("--replicas", "2"), "OMP_NUM_THREADS": "1"}
+HSDP_BATCH = ["--train.per_device_batch_size", "2"]
 
 
 class ProfileRuns:
@@ -172,7 +211,12 @@ class ProfileRuns:
         if where not in self.done:
             out = self.root / where
             args = [*PROFILE_SHAPE, "--output_dir", str(out)]
-            proc = run_train([*args, *ONE_PROCESS]) if where == "one" else dtrain_launch(where, args)
+            if where == "one":
+                proc = run_train([*args, *ONE_PROCESS])
+            elif where == "hsdp":
+                proc = dtrain_launch(where, [*args, *HSDP_BATCH], **HSDP_2X2)
+            else:
+                proc = dtrain_launch(where, args)
             assert_ok(proc)
             self.done[where] = (out, proc)
         return self.done[where]

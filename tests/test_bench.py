@@ -53,6 +53,7 @@ def test_every_case_ran(quick):
         "section_data_prepare",
         "section_data_startup",
         "section_data_large",
+        "section_checkpoint",
     }
     for section in quick["sections"]:
         assert all(case["status"] == "ok" for case in section["cases"].values()), section["title"]
@@ -112,3 +113,14 @@ def test_prepare_reads_every_token_the_baseline_reads_and_trains_on_two_ranks(qu
     small, big = startup["cases"]["train_1x"]["repeats"][0], startup["cases"]["train_10x"]["repeats"][0]
     assert big["documents"] == 10 * small["documents"]
     assert [g["met"] for g in startup["goals"]] == [None, None]  # quick mode judges nothing
+
+
+def test_checkpoint_section_times_what_a_save_blocks(quick):
+    """Synchronous: the loop is held for the whole save; async: only while the snapshot is staged, and the
+    commit comes later. (Times are reported, not judged, in quick mode.)"""
+    section = _section(quick, "section_checkpoint")
+    assert all(section["cases"][c]["status"] == "ok" for c in ("sync", "async")), section["cases"]
+    sync, background = (section["cases"][c]["repeats"][0] for c in ("sync", "async"))
+    assert sync["saves"] == background["saves"] >= 1
+    assert sync["blocked_s"] == pytest.approx(sync["committed_s"], abs=0.01)
+    assert background["blocked_s"] < background["committed_s"]

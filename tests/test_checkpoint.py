@@ -17,6 +17,7 @@ from conftest import (
     assert_ok,
     env_for_subprocess,
     fresh_accelerator,
+    mount_tmpfs,
     run_dtrain,
     run_train,
     tiny_llama,
@@ -189,16 +190,6 @@ def test_a_checkpoint_without_marker_does_not_count(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def _mount_tmpfs(path: Path, size_kb: int) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    return (
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)], capture_output=True
-        ).returncode
-        == 0
-    )
-
-
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(straight, tmp_path):
     ckpt_size = sum(
         f.stat().st_size for f in (straight / "checkpoints" / "step-00000012").rglob("*") if f.is_file()
@@ -206,7 +197,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(straight, tmp_pat
     run = tmp_path / "run"
     root = run / "checkpoints"
     # room for one checkpoint and a half: the first save fits, the second runs out of space
-    if not _mount_tmpfs(root, int(ckpt_size * 1.5 / 1024)):
+    if not mount_tmpfs(root, int(ckpt_size * 1.5 / 1024)):
         pytest.skip("mounting a tmpfs needs root with CAP_SYS_ADMIN; this machine does not allow it")
     try:
         proc = run_train([*TINY, *SHAPE, "--output_dir", str(run)])

@@ -26,6 +26,8 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
+from dtrain.background_save import DELAY_ENV
+from dtrain.checkpoint import TMP_PREFIX, complete_checkpoints
 from dtrain.data import DataOrder
 from dtrain.guards import NONFINITE_EXIT_CODE
 
@@ -402,9 +404,11 @@ def test_every_rank_gets_the_verdict_of_the_one_rank_that_saw_a_nan():
 KILL_ARGS = LONG_DDP  # a checkpoint every 10 steps; a lost peer is given up after 10 s
 
 
-def start_and_hit_rank_1(out: Path, signum: int, after_step: int = 12, **env: str):
-    """Start the job, wait until it has logged `after_step` (a checkpoint exists), send `signum` to the
-    process of rank 1. Returns (finished process, seconds from the signal to the job's end, pre-signal rows)."""
+def start_and_hit_rank_1(
+    out: Path, signum: int, after_step: int = 12, args=KILL_ARGS, ready=None, **env: str
+):
+    """Start the job, wait until it has logged `after_step` (a checkpoint exists) or until `ready(out)`, send
+    `signum` to the process of rank 1. Returns (finished process, seconds from the signal to the job's end)."""
     import os
     import subprocess
     import time
@@ -412,7 +416,7 @@ def start_and_hit_rank_1(out: Path, signum: int, after_step: int = 12, **env: st
     from conftest import REPO, env_for_subprocess, launch_cmd
 
     job = subprocess.Popen(
-        launch_cmd("ddp", [*KILL_ARGS, "--output_dir", str(out)]),
+        launch_cmd("ddp", [*args, "--output_dir", str(out)]),
         cwd=REPO,
         text=True,
         stdout=subprocess.PIPE,
@@ -420,9 +424,13 @@ def start_and_hit_rank_1(out: Path, signum: int, after_step: int = 12, **env: st
         env=env_for_subprocess(**env),
     )
     deadline = time.time() + 300
-    while not (out / "metrics.jsonl").exists() or not any(r["step"] >= after_step for r in train_rows(out)):
+
+    def logged() -> bool:
+        return (out / "metrics.jsonl").exists() and any(r["step"] >= after_step for r in train_rows(out))
+
+    while not (ready(out) if ready else logged()):
         assert job.poll() is None and time.time() < deadline, "the job ended or stalled before the signal"
-        time.sleep(0.05)
+        time.sleep(0.02)
     (rank1,) = [pid for pid in _pids_of(out) if "RANK=1" in _environ(pid)]
     os.kill(rank1, signum)
     hit = time.time()
@@ -447,20 +455,36 @@ def _environ(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
 
 
+ASYNC_KILL_ARGS = [*KILL_ARGS, "--checkpoint.async_save", "true"]
+
+
+def _step20_written(out: Path) -> bool:
+    """Both ranks' files of the step-20 background save are written; its writers hold (DELAY_ENV) before
+    they agree and commit."""
+    return len(list((out / "checkpoints" / f"{TMP_PREFIX}step-00000020" / "rng").glob("rank-*.pt"))) == 2
+
+
 def test_a_killed_rank_ends_the_job_and_the_same_command_resumes_exactly(tmp_path, straight_long_ddp):
+    """Rank 1 SIGKILLed while a background save (--checkpoint.async_save) is in flight: its files are written,
+    not yet agreed on. The job ends; the same command resumes from the checkpoint before (step 10), the
+    half-written one is not counted, and every loss is bitwise the uninterrupted (synchronous) run's."""
     import signal
 
     reference = straight_long_ddp
     out = tmp_path / "killed"
-    proc, seconds = start_and_hit_rank_1(out, signal.SIGKILL)
+    proc, seconds = start_and_hit_rank_1(
+        out, signal.SIGKILL, args=ASYNC_KILL_ARGS, ready=_step20_written, **{DELAY_ENV: "5"}
+    )
     assert seconds < 10 + 30, f"the job took {seconds:.0f} s to end after rank 1 died"
     assert proc.returncode == 128 + signal.SIGKILL, proc.stderr[-3000:]
     assert "dtrain launch: rank 1 exited with code 137 (SIGKILL); the job was stopped" in proc.stderr
     assert "lost contact with another rank" in proc.stderr and "Traceback" not in proc.stderr
     assert _pids_of(out) == []  # no rank, launcher or agent left behind
-    resumed = dtrain_launch("ddp", [*KILL_ARGS, "--output_dir", str(out)])  # the very same command
+    assert complete_checkpoints(out / "checkpoints")[-1].name == "step-00000010"  # step 20 never committed
+    resumed = dtrain_launch("ddp", [*ASYNC_KILL_ARGS, "--output_dir", str(out)])  # the very same command
     assert_ok(resumed)
-    assert "resuming from" in resumed.stdout
+    assert "resuming from" in resumed.stdout and "step-00000010 at step 10" in resumed.stdout
+    assert not list((out / "checkpoints").glob(f"{TMP_PREFIX}*"))  # the half-written one cleaned up
     straight = {r["step"]: r["loss"] for r in train_rows(reference)}
     again = {r["step"]: r["loss"] for r in train_rows(out)}
     assert again == straight  # every step once, each loss bitwise equal to the uninterrupted run's

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import traceback
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import fresh_accelerator, tiny_llama
 
@@ -40,8 +42,12 @@ def count_host_copies():
         def counted(self, *args, **kwargs):
             caller = traceback.extract_stack(limit=2)[0].filename
             # torch's CPU optimizers keep their step counter on the host by design (no device sync);
-            # on CUDA dtrain uses fused AdamW, which keeps it on the device.
-            if f"torch{os.sep}optim{os.sep}" not in caller:
+            # on CUDA dtrain uses fused AdamW, which keeps it on the device. The training thread only: a
+            # background checkpoint writer's copies hold up no step.
+            if (
+                f"torch{os.sep}optim{os.sep}" not in caller
+                and threading.current_thread() is threading.main_thread()
+            ):
                 calls.append(f"{name} from {caller}")
             return fn(self, *args, **kwargs)
 
@@ -118,10 +124,13 @@ def assert_only_verdict_and_detection(calls: list[str], steps: int, forwards: in
     assert len(calls) - steps == len(detection) == forwards, calls
 
 
-def test_the_loop_body_with_profiling_off_makes_no_host_copies_of_its_own(tmp_path):
+@pytest.mark.parametrize("saves", ["none", "async"])
+def test_the_loop_body_with_profiling_off_makes_no_host_copies_of_its_own(saves, tmp_path):
     """Not only `train_step`: the loop's whole step (the profiler hooks, the data window from the real
     loader and collator, take_step's bookkeeping, the stop agreement) on a run built by the real
-    `setup`, with --log.profile_steps null. The same copies as train_step alone, none more."""
+    `setup`, with --log.profile_steps null. The same copies as train_step alone, none more. `async`: the
+    loop also saves at every step with --checkpoint.async_save, which stages a snapshot and returns: its
+    writer thread agrees on CPU tensors, and the save step makes no host copy on the training thread."""
     from conftest import TINY
 
     from dtrain.config import parse_config
@@ -130,6 +139,8 @@ def test_the_loop_body_with_profiling_off_makes_no_host_copies_of_its_own(tmp_pa
 
     fresh_accelerator()  # Accelerate's singletons from earlier tests: setup builds its own accelerator
     argv = [*TINY, "--output_dir", str(tmp_path / "run"), "--train.gradient_accumulation_steps", "2"]
+    if saves == "async":
+        argv += ["--checkpoint.async_save", "true"]
     run = setup(parse_config(argv), argv)
     state = run.state
     assert run.profiler is OFF
@@ -140,6 +151,8 @@ def test_the_loop_body_with_profiling_off_makes_no_host_copies_of_its_own(tmp_pa
         take_step(run, window)
         run.profiler.end(state.step)
         run.stop.agreed()
+        if saves == "async":
+            run.checkpointer.save()  # the previous step's save lands first (at most one in flight)
 
     try:
         run.model.train()
@@ -147,7 +160,11 @@ def test_the_loop_body_with_profiling_off_makes_no_host_copies_of_its_own(tmp_pa
         with count_host_copies() as calls:
             for _ in range(3):
                 loop_body()
+        run.checkpointer.wait()
     finally:
         run.stop.close()  # give the signal handlers back to pytest
     assert state.step == 4
+    if saves == "async":
+        committed = sorted(p.name for p in run.checkpointer.committed())
+        assert committed == ["step-00000003", "step-00000004"], committed  # keep_last 2 of the 4
     assert_only_verdict_and_detection(calls, steps=3, forwards=3 * 2)

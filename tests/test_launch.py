@@ -34,7 +34,7 @@ def _refused(capsys, *argv: str) -> str:
     return lines[0]
 
 
-def test_the_nine_profiles_ship():
+def test_the_ten_profiles_ship():
     assert (
         sorted(
             [
@@ -42,6 +42,7 @@ def test_the_nine_profiles_ship():
                 "ddp",
                 "fsdp",
                 "fsdp_offload",
+                "hsdp",
                 "zero1",
                 "zero2",
                 "zero3",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROFILE_SHAPE, TINY, read_metrics
+from conftest import HSDP_BATCH, PROFILE_SHAPE, TINY, read_metrics
 
 from dtrain.config import parse_config
 from dtrain.plan import candidates, main, make_plan, memory_warning, split_plan_args
@@ -33,13 +33,14 @@ ACTIVATIONS_RTOL = 0.15
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("profile", ["ddp", "fsdp", "zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("profile", ["ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3"])
 def test_states_match_what_the_ranks_hold(profile, profile_runs):
     out, _ = profile_runs(profile)
     held = next(r for r in read_metrics(out) if "held_params_bytes" in r)
-    cfg = parse_config([*PROFILE_SHAPE, "--output_dir", str(out)])
+    cfg = parse_config([*PROFILE_SHAPE, *(HSDP_BATCH if profile == "hsdp" else []), "--output_dir", str(out)])
     shape = shape_of(cfg)
-    cand = next(c for c in candidates(cfg, 2, 1) if c.name == profile)
+    gpus, nodes = (2, 2) if profile == "hsdp" else (2, 1)  # the 2 x 2 mesh: as 2 nodes of 2, a replica each
+    cand = next(c for c in candidates(cfg, gpus, nodes) if c.name == profile)
     acts = measure(shape.config, torch.float32, cfg.data.max_length)
     e = estimate(shape, acts, cand.setting)
     # DeepSpeed's fp32 master copy is part of the planner's optimizer column
@@ -195,7 +196,7 @@ ACTS = ActivationModel(
 )
 
 
-def _recommend(params: float, gpus: int, memory: str, batch: int = 8, extra: tuple = ()):
+def _recommend(params: float, gpus: int, memory: str, batch: int = 8, extra: tuple = (), nodes: int = 1):
     cfg = parse_config(
         [
             *TINY,
@@ -208,7 +209,8 @@ def _recommend(params: float, gpus: int, memory: str, batch: int = 8, extra: tup
             *extra,
         ]
     )
-    rows, choice = recommend(_shape(params), ACTS, candidates(cfg, gpus, 1), batch, parse_size(memory), cfg)
+    cands = candidates(cfg, gpus, nodes)
+    rows, choice = recommend(_shape(params), ACTS, cands, batch, parse_size(memory), cfg)
     return rows, choice, cfg
 
 
@@ -227,6 +229,21 @@ def test_a_model_whose_states_fill_a_gpu_needs_full_sharding():
     _, choice, _ = _recommend(20e9, 8, "80GiB")
     assert choice.estimate.setting.profile in ("fsdp", "zero3")
     assert choice.estimate.total <= 0.9 * parse_size("80GiB")
+
+
+def test_on_several_nodes_sharding_inside_a_node_is_preferred():
+    """hsdp divides the states by the processes of one node (its dp_shard), not by the world: on 4 nodes x 8 its
+    states are those of fsdp on one node of 8, and it is chosen over full sharding when they fit."""
+    rows, choice, _ = _recommend(28e9, 8, "80GiB", nodes=4)
+    assert choice.estimate.setting.profile == "hsdp"
+    states = {
+        r.candidate.name: r.estimate.weights + r.estimate.gradients + r.estimate.optimizer for r in rows
+    }
+    one_node, _, _ = _recommend(28e9, 8, "80GiB")
+    fsdp_on_8 = next(r.estimate for r in one_node if r.candidate.name == "fsdp")
+    assert states["hsdp"] == fsdp_on_8.weights + fsdp_on_8.gradients + fsdp_on_8.optimizer
+    assert states["fsdp"] == pytest.approx(states["hsdp"] / 4)  # fsdp on 32 ranks
+    assert "hsdp" not in {r.candidate.name for r in one_node}  # one node: the fsdp row is the same thing
 
 
 def test_a_model_too_big_for_its_gpus_is_offloaded():

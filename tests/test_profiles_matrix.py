@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from conftest import (
     PROFILE_SHAPE,
     REPO,
     TINY,
-    _free_port,
+    accelerate_with_profile,
     assert_ok,
     dtrain_launch,
     env_for_subprocess,
@@ -181,31 +180,8 @@ def test_eight_bit_on_one_process(tmp_path):
 def test_script_refuses_deepspeed_turned_into_ddp(tmp_path):
     """ACCELERATE_USE_CPU=1 silently disables DeepSpeed in Accelerate; the script must not train as DDP."""
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "accelerate_configs" / "zero2.yaml"),
-        "--deepspeed_config_file",
-        str(REPO / "ds_configs" / "zero2.json"),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(_free_port()),
-        str(REPO / "dtrain" / "train.py"),
-        *TINY,
-        "--output_dir",
-        str(out),
-    ]
-    proc = subprocess.run(
-        cmd,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env_for_subprocess(ACCELERATE_USE_CPU="1"),
-    )
+    ds = ["--deepspeed_config_file", str(REPO / "ds_configs" / "zero2.json"), "--num_processes", "2"]
+    proc = accelerate_with_profile("zero2", ds, [*TINY, "--output_dir", str(out)], ACCELERATE_USE_CPU="1")
     assert proc.returncode != 0
     assert "asks for DEEPSPEED" in proc.stderr and "ACCELERATE_USE_CPU=1" in proc.stderr
     assert (

@@ -28,6 +28,8 @@ from conftest import (
     train_rows,
 )
 
+from dtrain.background_save import DELAY_ENV
+from dtrain.checkpoint import TMP_PREFIX, verify
 from dtrain.signals import STOP_EXIT_CODE
 
 pytestmark = pytest.mark.slow
@@ -51,10 +53,27 @@ SHAPE = [
 EXIT_BOUND_S = 60  # from the signal to every process gone
 
 
-def _start(cmd: list[str]) -> subprocess.Popen:
+def _start(cmd: list[str], **env: str) -> subprocess.Popen:
     return subprocess.Popen(
-        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env_for_subprocess()
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env_for_subprocess(**env),
     )
+
+
+def _wait_for_save_in_flight(out: Path, proc: subprocess.Popen, ranks: int = 2) -> str:
+    """The name of the checkpoint a background save is writing, once every rank's files are in its temporary
+    directory (the writers then hold, DELAY_ENV seconds, before they agree and commit)."""
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        for tmp in (out / "checkpoints").glob(f"{TMP_PREFIX}step-*"):
+            if len(list((tmp / "rng").glob("rank-*.pt"))) == ranks:
+                return tmp.name.removeprefix(TMP_PREFIX)
+        time.sleep(0.02)
+    raise AssertionError("no background save was seen in flight")
 
 
 def _wait_for_rows(out: Path, proc: subprocess.Popen, n: int = 3) -> None:
@@ -171,12 +190,18 @@ def test_one_process_stops_saves_and_resumes_exactly(straight_single, tmp_path):
 def test_two_ranks_stop_at_one_step_and_resume_exactly(straight_long_ddp, tmp_path):
     """One `dtrain launch ddp` job stopped three times, each time rerun with the same command: SIGTERM to
     the launcher, SIGINT to the launcher, SIGUSR1 to rank 1 only. 120 steps at ~8 steps/s on 2 gloo
-    ranks: each signal lands mid-run (3 rows after the start or resume)."""
+    ranks: each signal lands mid-run (3 rows after the start or resume). The job saves in the background
+    (--checkpoint.async_save): the SIGTERM lands while a save is in flight (the writers held open by the
+    test-only delay), and both that checkpoint and the stop's own are committed before exit 75."""
     out = tmp_path / "run"
-    args = [*LONG_DDP, "--output_dir", str(out)]
+    args = [*LONG_DDP, "--checkpoint.async_save", "true", "--output_dir", str(out)]
     for how in ("SIGTERM to the launcher", "SIGINT to the launcher", "SIGUSR1 to rank 1 only"):
-        proc = _start(launch_cmd("ddp", args))
-        _wait_for_rows(out, proc, _logged(out) + 3)
+        first = how.startswith("SIGTERM")
+        proc = _start(launch_cmd("ddp", args), **({DELAY_ENV: "3"} if first else {}))
+        if first:
+            in_flight = _wait_for_save_in_flight(out, proc)
+        else:
+            _wait_for_rows(out, proc, _logged(out) + 3)
         if how.endswith("rank 1 only"):
             ranks = _ranks(out)
             assert sorted(ranks) == [0, 1], ranks
@@ -186,6 +211,9 @@ def test_two_ranks_stop_at_one_step_and_resume_exactly(straight_long_ddp, tmp_pa
             send = lambda p=proc, s=sig: p.send_signal(s)  # noqa: E731
         ended = _stop_and_check(proc, out, send)
         assert ended["signal"] == how.split()[0], how
+        if first:  # the save in flight landed too, before the stop's own
+            assert verify(out / "checkpoints" / in_flight) is None, in_flight
+            assert ended["step"] > int(in_flight.split("-")[1])
     _resumes_exactly(out, straight_long_ddp, lambda: dtrain_launch("ddp", args))
 
 

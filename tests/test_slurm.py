@@ -2,6 +2,7 @@
 installed from Debian's packages when missing and torn down by process id at the end.
 
 - multi_node.sbatch, 2 nodes x 1 CPU process, ddp and fsdp: the losses of the single-node 2-process run;
+  2 nodes x 2 processes, hsdp: one replica per node (a 2 x 2 mesh), the losses of the single-node 2 x 2 run;
 - a ddp job without --data.prepared, each node its own HF_DATASETS_CACHE: only rank 0 on node1 tokenizes,
   rank 1 on node2 reads the arrays node1 wrote under OUTPUT_DIR (its datasets cache stays empty);
 - preemption: USR1 to the batch shell mid-training -> the ranks save and exit 75 -> the job requeues itself
@@ -23,7 +24,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, assert_ok, dtrain_launch, env_for_subprocess, train_rows
+from conftest import (
+    HSDP_BATCH,
+    PROFILE_SHAPE,
+    REPO,
+    TINY,
+    assert_ok,
+    dtrain_launch,
+    env_for_subprocess,
+    train_rows,
+)
 from slurm_cluster import SlurmCluster, SlurmUnavailable, install_slurm
 
 SLURM_DIR = REPO / "launch" / "slurm"
@@ -198,6 +208,23 @@ def test_multi_node_trains_like_one_node(profile, slurm, references, tmp_path):
     assert _run_info(job.out)["distributed"]["num_processes"] == 2
     assert_same_losses(job.out, reference)
     assert (job.out / "final" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_multi_node_hsdp_shards_inside_a_node_and_replicates_across(slurm, profile_runs, tmp_path):
+    """PROFILE=hsdp on 2 nodes x 2 processes: the sizes come from the launch (one replica per node, dp_shard =
+    processes per node), and the job trains as the same 2 x 2 mesh on one machine (conftest's shared run)."""
+    flags = [*PROFILE_SHAPE[2:], *HSDP_BATCH]  # the shared run's flags after its --config (RECIPE here)
+    job = submit(slurm, MULTI, tmp_path, flags, "--nodes=2", PROFILE="hsdp", GPUS_PER_NODE="2")
+    reference, _ = profile_runs("hsdp")  # while the job runs
+    info = job.wait()
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), job.why()
+    text = job.text()
+    assert "--num_processes 4 --num_machines 2" in text, job.why()
+    assert "--parallelism_config_dp_replicate_size 2 --parallelism_config_dp_shard_size 2" in text
+    assert _run_info(job.out)["distributed"]["mesh"]["dims"] == {"dp_replicate": 2, "dp_shard": 2}
+    assert "hsdp 2x2 x 4 on 2 nodes" in text
+    assert_same_losses(job.out, reference)
 
 
 @pytest.mark.slow

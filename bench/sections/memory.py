@@ -47,18 +47,21 @@ def section_optim_state(ctx: Ctx, say) -> dict:
 
 
 def zero_formula(profile: str, n: int) -> float:
-    """Bytes per parameter per rank for fp32 Adam (params 4, grads 4, optimizer 8), N ranks."""
+    """Bytes per parameter per rank for fp32 Adam (params 4, grads 4, optimizer 8), N ranks sharding the
+    states (hsdp: its dp_shard, not the world size)."""
     return {"ddp": 16.0, "zero1": 4 + 4 + 8 / n, "zero2": 4 + 12 / n}.get(profile, 16.0 / n)
 
 
 def section_profiles(ctx: Ctx, say) -> dict:
     from dtrain.launch import TRAIN_SCRIPT, build_command, load_profile, preflight
 
-    world = 2
     cases = []
     for profile in ctx.plan.profiles:
 
         def go(r, profile=profile):
+            # hsdp: 4 ranks as a 2 x 2 mesh, the states divided by the 2 of dp_shard
+            world, replicas = (4, 2) if profile == "hsdp" else (2, None)
+            shard = world // (replicas or 1)
             out = ctx.fresh(f"mem-{profile}")
             args = [*dtrain_args(ctx, "bench", 2, 2, 1), "--output_dir", str(out)]
             prof = load_profile(profile)
@@ -67,7 +70,7 @@ def section_profiles(ctx: Ctx, say) -> dict:
             problems = preflight(prof, parse_config(args), world, True, 0, False)
             if problems:
                 raise CaseError("; ".join(problems))
-            cmd, env = build_command(prof, world, 1, 0, f"127.0.0.1:{free_port()}", True, args)
+            cmd, env = build_command(prof, world, 1, 0, f"127.0.0.1:{free_port()}", True, args, replicas)
             cmd = [str(MEMPROBE) if part == str(TRAIN_SCRIPT) else part for part in cmd]
             env = subprocess_env(
                 1, **env, BENCH_MEMPROBE_OUT=str(out / "mem"), HF_DATASETS_CACHE=str(ctx.work / "hf_datasets")
@@ -83,7 +86,7 @@ def section_profiles(ctx: Ctx, say) -> dict:
             worst = max(ranks, key=lambda x: x["params"] + x["grads"] + x["optim_state"])
             n = worst["num_params"]
             measured = worst["params"] + worst["grads"] + worst["optim_state"]
-            formula = zero_formula(profile, world) * n
+            formula = zero_formula(profile, shard) * n
             return {
                 "ranks": ranks,
                 "num_params": n,
@@ -113,7 +116,7 @@ def section_profiles(ctx: Ctx, say) -> dict:
             )
     notes = [
         "params, grads, state: bytes per parameter held by the rank with the most; total = their sum "
-        "(gradients: the larger of end of backward and just before the update); formula: ZeRO paper, fp32 Adam (4 + 4 + 8 bytes/param)",
+        "(gradients: the larger of end of backward and just before the update); formula: ZeRO paper, fp32 Adam (4 + 4 + 8 bytes/param), sharded states / N (hsdp: N = dp_shard = 2)",
         "+ master: DeepSpeed's separate fp32 copy of the rank's partition; + buckets: DeepSpeed reduce "
         "buckets alive at those moments (DDP's own buckets live in C++ and are not counted)",
     ]
@@ -127,7 +130,8 @@ def section_profiles(ctx: Ctx, say) -> dict:
             )
     return {
         "notes": notes,
-        "title": f"3(ii). Per-rank parameters + gradients + optimizer state, {world} CPU ranks, fp32 AdamW "
+        "title": "3(ii). Per-rank parameters + gradients + optimizer state, 2 CPU ranks (hsdp: 4 as a 2 x 2 "
+        "mesh, dp_replicate x dp_shard), fp32 AdamW "
         f"(hidden-256 model, {ctx.prep['models']['bench']['params'] / 1e6:.2f}M params)",
         "cases": cases,
         "goals": goals,

@@ -99,6 +99,7 @@ class Plan:
     command: str | None
     advice: str | None  # what would make it fit, when nothing does
     train_args: list[str]
+    staging: float | None = None  # --checkpoint.async_save: host bytes per process for the snapshot
 
 
 def make_plan(cfg: Config, gpus: int, nodes: int, device: Device, train_args: list[str]) -> Plan:
@@ -121,7 +122,14 @@ def make_plan(cfg: Config, gpus: int, nodes: int, device: Device, train_args: li
         row.optimizer_note = row.candidate.setting.optimizer
     command = launch_command(choice, cfg, gpus, nodes, train_args) if choice else None
     advice = None if choice else what_would_fit(shape, acts, cands, per_process, device.bytes, cfg)
-    return Plan(cfg, gpus, nodes, device, shape, acts, rows, extra, choice, command, advice, train_args)
+    staging = None
+    if choice and cfg.checkpoint.async_save:
+        from dtrain.plan.memory import staging_bytes
+
+        staging = staging_bytes(shape, acts, choice.estimate.setting)
+    return Plan(
+        cfg, gpus, nodes, device, shape, acts, rows, extra, choice, command, advice, train_args, staging
+    )
 
 
 def activations_of(shape, cfg: Config, precision: str):
@@ -159,6 +167,8 @@ def candidates(cfg: Config, gpus: int, nodes: int) -> list:
         profile = load_profile(name)
         if profile.kind == ("ddp" if world == 1 else "single"):  # one process: no ddp; several: not single
             continue
+        if profile.has_mesh and nodes == 1:  # one node: one replica, the fsdp row
+            continue
         zero = profile.ds_config.get("zero_optimization", {})
         fsdp_offload = profile.kind == "fsdp" and profile.offloads
         setting = Setting(
@@ -169,6 +179,9 @@ def candidates(cfg: Config, gpus: int, nodes: int) -> list:
             or zero.get("offload_optimizer", {}).get("device", "none") != "none",
             offload_params=fsdp_offload or zero.get("offload_param", {}).get("device", "none") != "none",
             processes=world,
+            shard=gpus
+            if profile.has_mesh
+            else world,  # hsdp: one replica per node, as dtrain launch makes it
             micro_batch=cfg.train.per_device_batch_size,
             accumulation=cfg.train.gradient_accumulation_steps,
             seq=cfg.data.max_length,

@@ -4,7 +4,8 @@ The recipe's optimizer and global batch are kept (switching either would change 
 the per-process batch is split into micro-batches, which profile holds the state, and whether memory
 savers are needed change. Preference, in this order: no memory saver over the chunked loss over gradient
 checkpointing (each only when nothing fits without it); no offload unless nothing else fits; then the
-least sharding (single_gpu, ddp, zero1, zero2, fsdp, zero3); then the largest micro-batch.
+least sharding (single_gpu, ddp, zero1, zero2, hsdp (sharded inside a node, several nodes), fsdp, zero3);
+then the largest micro-batch.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ ORDER = (
     "ddp",
     "zero1",
     "zero2",
+    "hsdp",
     "fsdp",
     "zero3",
     "zero2_offload",
@@ -159,7 +161,7 @@ def what_would_fit(
         states = e.weights + e.gradients + e.optimizer
         room = 0.9 * device - (e.total - states)
         if room > 0:
-            gpus = math.ceil(states * e.setting.processes / room)
+            gpus = math.ceil(states * e.setting.shard / room)
             hints.append(f"{e.setting.profile} would fit on {gpus} GPUs of this size (--gpus x --nodes)")
     hints.append(f"or on GPUs with {math.ceil(lean.total / 0.9 / 2**30)} GiB")
     if cfg.peft.method == "none":

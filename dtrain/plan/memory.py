@@ -18,11 +18,13 @@ NCCL = 0.5 * GiB  # NCCL's communicator buffers, once there is more than one pro
 PARTS = ("weights", "gradients", "optimizer", "activations", "logits", "buffers", "overhead")
 
 FORMULAS = [
-    "weights: P x bytes of --model.dtype, / N under fsdp and zero3, 0 when offloaded; DeepSpeed holds them "
+    "N: the ranks the states are sharded over, all of them (hsdp: dp_shard, the processes of one node, "
+    "one replica per node)",
+    "weights: P x bytes of --model.dtype, / N under fsdp, hsdp and zero3, 0 when offloaded; DeepSpeed holds them "
     "in the compute dtype (2 bytes under bf16/fp16); single/ddp under bf16/fp16 add autocast's "
     "compute-dtype copies of the matmul weights (decoder linears and the head), alive from forward to "
     "backward; QLoRA: decoder linears in NF4 (0.516 bytes/param with double quantisation), the rest as loaded",
-    "gradients: T x bytes of the trained weights; / N under fsdp, zero1, zero2, zero3 (DeepSpeed keeps only "
+    "gradients: T x bytes of the trained weights; / N under fsdp, hsdp, zero1, zero2, zero3 (DeepSpeed keeps only "
     "the rank's partition at the update, stage 1 too); 0 when offloaded",
     "optimizer: T x state bytes (adamw 8; adamw_8bit/paged/ao 2 + an fp32 scale per 256, 8 for tensors under "
     "4096 elements; adafactor its row and column factors; sgd 4 with momentum), / N when sharded; DeepSpeed "
@@ -35,7 +37,7 @@ FORMULAS = [
     "buffers: ddp T x gradient bytes (DDP's buckets copy the gradients); DeepSpeed stage 1/2 "
     "reduce_bucket_size elements x 2 bytes under bf16/fp16, else 4 (x2 with overlap_comm), stage 3 the "
     "largest layer gathered plus stage3_prefetch_bucket_size and reduce_bucket_size ('auto': 0.9h^2 and "
-    "h^2, as Accelerate fills them); fsdp two gathered layers (computing and prefetched) and one layer's "
+    "h^2, as Accelerate fills them); fsdp and hsdp two gathered layers (computing and prefetched) and one layer's "
     "unsharded gradients",
     f"overhead: fixed {CUDA_CONTEXT / GiB:.2f} GiB (CUDA context, cuBLAS workspace) + {NCCL / GiB:.2f} GiB "
     "(NCCL) with more than one process; not measured here, stated",
@@ -53,6 +55,7 @@ class Setting:
     offload_optimizer: bool
     offload_params: bool
     processes: int
+    shard: int  # the ranks the sharded states are split over: all of them, hsdp's dp_shard (a node)
     micro_batch: int
     accumulation: int
     seq: int
@@ -121,7 +124,7 @@ def _ds_size(zero: dict, key: str, auto: float, default: float) -> float:
 
 
 def estimate(shape: ModelShape, acts: ActivationModel, s: Setting) -> Estimate:
-    n = s.processes
+    n = s.shard
     mixed = s.precision in ("bf16", "fp16")
     model_bytes = shape.dtype_bytes
     compute = 2 if mixed else model_bytes
@@ -170,5 +173,14 @@ def estimate(shape: ModelShape, acts: ActivationModel, s: Setting) -> Estimate:
         prefetch = _ds_size(s.ds_zero, "stage3_prefetch_bucket_size", 0.9 * h2, 5e7)
         bucket = _ds_size(s.ds_zero, "reduce_bucket_size", h2, 5e8)
         buffers = (shape.largest_unit + prefetch) * (2 if mixed else 4) + bucket * grad_bytes
-    overhead = CUDA_CONTEXT + (NCCL if n > 1 else 0.0)
+    overhead = CUDA_CONTEXT + (NCCL if s.processes > 1 else 0.0)
     return Estimate(s, weights, gradients, optimizer, activations, logits, buffers, overhead)
+
+
+def staging_bytes(shape: ModelShape, acts: ActivationModel, s: Setting) -> float:
+    """Host memory per process that --checkpoint.async_save adds: one copy of the weights and optimizer
+    state the process holds (wherever they live: offloaded states are staged too)."""
+    from dataclasses import replace
+
+    e = estimate(shape, acts, replace(s, offload_optimizer=False, offload_params=False))
+    return e.weights + e.optimizer

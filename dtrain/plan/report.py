@@ -93,6 +93,11 @@ def as_text(plan) -> str:
             f"{e.total / GiB:.1f} of {device.bytes / GiB:.1f} GiB{said}:",
             f"  {plan.command}",
         ]
+        if plan.staging is not None:
+            lines.append(
+                f"  --checkpoint.async_save: {plan.staging / GiB:.1f} GiB more host (CPU) memory per process, the "
+                "snapshot of its weights and optimizer state"
+            )
     else:
         lines.append(f"nothing fits: {plan.advice}")
     lines += ["", "how: activations " + plan.activations.plain.how] + [f"  {f}" for f in FORMULAS]
@@ -129,6 +134,7 @@ def as_json(plan) -> dict:
             else None
         ),
         "advice": plan.advice,
+        "async_staging_bytes": None if plan.staging is None else round(plan.staging),
         "activations": plan.activations.plain.how,
         "formulas": FORMULAS,
     }

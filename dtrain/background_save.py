@@ -1,0 +1,129 @@
+"""Asynchronous checkpoints (`--checkpoint.async_save true`): a save stages a snapshot and returns.
+
+At a save step every rank copies what the checkpoint will hold to host memory (`stage`: model and
+optimizer state through DCP's own stager, then the RNG, schedule, scaler and train state the Checkpointer
+adds), and training continues at once. A writer thread then runs the whole commit protocol on that
+snapshot: the per-rank DCP files, the agreement that every rank's write succeeded, the fsyncs, the rename,
+the marker and the rotation. It talks to the other ranks' writers over a gloo group of its own (DCP's
+collectives and the agreements), separate from the training group and from the stop-request group: a
+shared group interleaves collectives of two threads (gloo "collective mismatch" and aborts, measured).
+Its agreements reduce CPU tensors on that group, so nothing in the step waits on the device for them.
+
+At most one save is in flight. `wait` joins it and re-raises its failure as the one line a synchronous
+save gives; the Checkpointer calls it before the next save, a load (rollback, resume), the end of
+training, a stop request and a halt, so the loop never does.
+
+Staging keeps one extra copy of this rank's model and optimizer state in host memory (reused by the next
+save; pinned on CUDA).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import threading
+import time
+from collections.abc import Callable
+
+# light at import (the launch side reads REFUSED_UNDER_DEEPSPEED): torch is imported where it is used
+REFUSED_UNDER_DEEPSPEED = (
+    "--checkpoint.async_save true is for the DCP profiles (single_gpu, ddp, fsdp, hsdp): DeepSpeed 0.19's own "
+    "decoupled checkpoint writers do not run here; use --checkpoint.async_save false under DeepSpeed"
+)
+# Test-only: seconds each writer sleeps once its files are written, before the ranks agree, so that a test
+# can kill a rank or signal the job while a background save is in flight (tests/test_guards.py,
+# tests/test_signals.py). Unset in real runs.
+DELAY_ENV = "DTRAIN_TEST_SAVE_DELAY_S"
+
+
+class BackgroundSave:
+    """The writer thread, its process group and its stager. Every rank builds one (collectively)."""
+
+    def __init__(self, accelerator, timeout_s: float):
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        cuda = accelerator.device.type == "cuda"
+        self.group = None
+        if accelerator.num_processes > 1:
+            import torch.distributed as dist
+
+            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        # synchronous staging on the training thread (the snapshot must be the state of this step), into
+        # storages kept for the next save; pinned host memory where there is a device to copy from
+        self.stager = DefaultStager(
+            StagingOptions(
+                use_pinned_memory=cuda,
+                use_shared_memory=False,
+                use_async_staging=False,
+                use_non_blocking_copy=False,
+            )
+        )
+        self.thread: threading.Thread | None = None
+        self.failure: BaseException | None = None
+        self.delay_s = float(os.environ.get(DELAY_ENV, "0") or 0)
+
+    def stage(self, state_dict: dict) -> dict:
+        """Host copies of the tensors of `state_dict` (DTensors stay DTensors, their local shards copied)."""
+        staged = self.stager.stage(state_dict)
+        assert isinstance(staged, dict)  # synchronous staging returns the dict itself, not a Future
+        return staged
+
+    def start(self, job: Callable[[], None]) -> None:
+        """Run `job` (write, agree, commit) in the writer thread."""
+        assert self.thread is None, "a background save is already in flight"
+
+        def run() -> None:
+            try:
+                job()
+            except BaseException as exc:  # re-raised on the training thread by wait()
+                self.failure = exc
+
+        self.thread = threading.Thread(target=run, name="dtrain-checkpoint-writer", daemon=True)
+        self.thread.start()
+
+    def written(self) -> None:
+        """Called by the writer between its files and the agreement (the test-only pause, when set)."""
+        if self.delay_s:
+            time.sleep(self.delay_s)
+
+    def wait(self) -> None:
+        """Until the save in flight is committed (or has failed on every rank: then its error, here)."""
+        if self.thread is None:
+            return
+        self.thread.join()
+        self.thread = None
+        failure, self.failure = self.failure, None
+        if failure is not None:
+            raise failure
+
+    def agree(self, failed: bool) -> bool:
+        """Whether any rank's writer failed: a CPU all-reduce on the writer's own group."""
+        import torch
+
+        flag = torch.tensor([1 if failed else 0], dtype=torch.int32)
+        if self.group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())  # a CPU tensor: no device sync
+
+    def close(self) -> None:
+        self.stager.close()
+
+
+def staging_line(model, optimizer_name: str) -> str:
+    """The start-up note of a run that saves in the background: the host memory its snapshot takes on this
+    rank, estimated before the first step as the planner does (this rank's shards of the weights, and the
+    optimizer state they will have)."""
+    from dtrain.plan.memory import optimizer_state_bytes
+
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    weights = sum(t.numel() * t.element_size() for t in local)
+    state = optimizer_state_bytes(
+        optimizer_name,
+        [tuple(t.shape) for t, p in zip(local, model.parameters(), strict=True) if p.requires_grad],
+    )
+    return (
+        f"dtrain: --checkpoint.async_save: each save stages a host copy of this rank's weights and optimizer "
+        f"state, about {(weights + state) / 2**20:,.0f} MiB of CPU memory per rank, then trains on while it is written"
+    )
