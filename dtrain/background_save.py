@@ -107,9 +107,6 @@ class BackgroundSave:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())  # a CPU tensor: no device sync
 
-    def close(self) -> None:
-        self.stager.close()
-
 
 def staging_line(model, optimizer_name: str) -> str:
     """The start-up note of a run that saves in the background: the host memory its snapshot takes on this

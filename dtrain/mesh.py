@@ -11,7 +11,7 @@ LOCAL_WORLD_SIZE. `dtrain launch hsdp --replicas R` passes the sizes it chose, a
 from __future__ import annotations
 
 import os
-import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -23,8 +23,6 @@ SIZE_VARS = {
     "dp_shard": "PARALLELISM_CONFIG_DP_SHARD_SIZE",
 }
 ASKED = "DTRAIN_MESH"  # set by `dtrain launch hsdp`: "dp_replicate=R,dp_shard=S"
-# Accelerate versions whose internals `cpu_rehearsal` was written and tested against (as for FSDP on CPU)
-MESH_ON_CPU_TESTED = ("1.15",)
 
 
 @dataclass(frozen=True)
@@ -85,11 +83,7 @@ def _cpu_rehearsal(env=os.environ) -> bool:
     before runtime.enable_fsdp_on_cpu can make the run FSDP; the mesh is then applied after that."""
     import torch
 
-    return (
-        not torch.cuda.is_available()
-        and env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-        and env.get(USE, "false").lower() == "true"
-    )
+    return not torch.cuda.is_available() and env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 @contextmanager
@@ -109,16 +103,11 @@ def held_back(env=os.environ):
 
 def apply(accelerator, mesh: Mesh) -> None:
     """The mesh on a CPU rehearsal, set where Accelerate's FSDP2 preparation reads it (`state.device_mesh`,
-    `state.parallelism_config`), then Accelerate's own validation, now that the distributed type is FSDP."""
-    import accelerate
+    `state.parallelism_config`), then Accelerate's own validation, now that the distributed type is FSDP.
+    Accelerate internals, as runtime.enable_fsdp_on_cpu (which names an untested Accelerate version just
+    before this runs); `check` and the run's recorded placements fail loudly if it stops working."""
     from accelerate import ParallelismConfig
 
-    if not accelerate.__version__.startswith(MESH_ON_CPU_TESTED):
-        print(
-            f"dtrain: the hsdp mesh on CPU is tested with Accelerate {', '.join(MESH_ON_CPU_TESTED)}; "
-            f"this is {accelerate.__version__}",
-            file=sys.stderr,
-        )
     config = ParallelismConfig(dp_replicate_size=mesh.replicate, dp_shard_size=mesh.shard)
     state = accelerator.state
     state.parallelism_config = config
@@ -137,16 +126,21 @@ def mesh_of(accelerator) -> Mesh | None:
     return Mesh(config.dp_replicate_size, config.dp_shard_size)
 
 
-def check(accelerator, launcher_settings: dict | None) -> None:
+def check(accelerator, launcher_settings: Callable[[], dict]) -> None:
     """Refuse a run whose mesh is not the one asked for, by `dtrain launch hsdp` (DTRAIN_MESH) or by the
-    launcher's config file (`launcher_settings`): `--multi_gpu` or `--use_fsdp` on the accelerate launch
-    command line makes the launcher drop the YAML's parallelism_config silently, and the run would be plain
-    DDP or full-mesh FSDP."""
+    config file of a plain `accelerate launch` (`launcher_settings()`, read only when no mesh came up and
+    dtrain launch did not start the job): `--multi_gpu` or `--use_fsdp` on the accelerate launch command
+    line makes the launcher drop the YAML's parallelism_config silently, and the run would be plain DDP or
+    full-mesh FSDP."""
     from accelerate.utils import DistributedType
 
     text = os.environ.get(ASKED)
     wanted = parse_asked(text) if text else None
-    if wanted is None and not (launcher_settings or {}).get("parallelism_config"):
+    if wanted is None and (
+        "DTRAIN_PROFILE" in os.environ  # dtrain launch, no mesh asked for
+        or mesh_of(accelerator) is not None
+        or not launcher_settings().get("parallelism_config")
+    ):
         return
     got = mesh_of(accelerator)
     if got is None or accelerator.distributed_type != DistributedType.FSDP:

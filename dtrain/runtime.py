@@ -65,7 +65,7 @@ def build_accelerator(cfg: Config):
     check_world(accelerator)
     check_optimizer_support(accelerator, cfg)
     check_launch_request(accelerator)
-    mesh.check(accelerator, launcher_settings() if "WORLD_SIZE" in os.environ else None)
+    mesh.check(accelerator, launcher_settings)
     return accelerator
 
 

@@ -68,13 +68,9 @@ def section_checkpoint(ctx: Ctx, say) -> dict:
             raise CaseError(f"{mode}: no periodic save was logged")
         seconds = _step_seconds(rows)
         # the steps right after a save: under async_save they run while the writer writes
-        after = [
-            seconds[s]
-            for save in saves
-            for s in range(save["save_step"] + 1, save["save_step"] + every)
-            if s in seconds
-        ]
-        others = [t for s, t in seconds.items() if s > 1 and t not in after]
+        overlapping = {s for save in saves for s in range(save["save_step"] + 1, save["save_step"] + every)}
+        after = [t for s, t in seconds.items() if s in overlapping]
+        others = [t for s, t in seconds.items() if s > 1 and s not in overlapping]
         return {
             "saves": len(saves),
             "blocked_s": statistics.median(s["save_blocked_s"] for s in saves),
