@@ -117,10 +117,11 @@ def test_prepare_reads_every_token_the_baseline_reads_and_trains_on_two_ranks(qu
 
 def test_checkpoint_section_times_what_a_save_blocks(quick):
     """Synchronous: the loop is held for the whole save; async: only while the snapshot is staged, and the
-    commit comes later. (Times are reported, not judged, in quick mode.)"""
+    commit comes later. A background save's times reach the first metrics row after its commit, so the last
+    periodic one may land after the last row. (Times are reported, not judged, in quick mode.)"""
     section = _section(quick, "section_checkpoint")
     assert all(section["cases"][c]["status"] == "ok" for c in ("sync", "async")), section["cases"]
     sync, background = (section["cases"][c]["repeats"][0] for c in ("sync", "async"))
-    assert sync["saves"] == background["saves"] >= 1
+    assert sync["saves"] >= background["saves"] >= 1
     assert sync["blocked_s"] == pytest.approx(sync["committed_s"], abs=0.01)
     assert background["blocked_s"] < background["committed_s"]
