@@ -16,8 +16,6 @@ import importlib.util
 import json
 import os
 import shlex
-import signal
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from dtrain.config import Config, ConfigError, UserError, parse_config
 from dtrain.guards import deepspeed_check_off
 from dtrain.mesh import ASKED, Mesh
 from dtrain.peft import qlora_refusal
+from dtrain.process import run_forwarding_signals
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILE_DIR = REPO / "accelerate_configs"
@@ -389,20 +388,8 @@ def visible_gpus() -> tuple[int, bool]:
 
 
 def run(cmd: list[str], env: dict[str, str]) -> int:
-    """Run the launcher; forward SIGINT/SIGTERM to it and return its exit code. The printed `accelerate
-    launch` command runs through `dtrain.launch_accelerate`: the same launcher, but a failed rank ends the
-    job with that rank's exit code and one line, not the launcher's traceback."""
+    """Run the launcher, pass SIGINT/SIGTERM/SIGUSR1/SIGUSR2 on to it and return its exit code. The printed
+    `accelerate launch` command runs through `dtrain.launch_accelerate`: the same launcher, but a failed rank
+    ends the job with that rank's exit code and one line, not the launcher's traceback."""
     cmd = ["dtrain.launch_accelerate" if part == "accelerate.commands.launch" else part for part in cmd]
-    # Its own session: a Ctrl-C in the terminal reaches the launcher once, through `forward`, not twice.
-    child = subprocess.Popen(cmd, env=env, start_new_session=True)
-
-    def forward(signum, _frame):
-        child.send_signal(signum)
-
-    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-    previous = {s: signal.signal(s, forward) for s in forwarded}
-    try:
-        return child.wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    return run_forwarding_signals(cmd, env)

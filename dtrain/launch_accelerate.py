@@ -8,6 +8,10 @@ the launcher's 1. When one rank dies the others lose contact with it (exit code 
 rank that died is the one named. When the launcher
 itself is signalled, it passes the signal to the ranks, which save and stop (dtrain.signals): the job
 then ends with 75 too once the run has recorded that stop.
+
+One process runs under `one_process`, not Accelerate's simple launcher: from Accelerate 1.16 that launcher
+answers a SIGTERM by terminating the script and killing it 5 s later, which would cut a stop request's
+checkpoint short. Here the signal is passed on and the script's own exit code (75) is the job's.
 """
 
 from __future__ import annotations
@@ -18,16 +22,20 @@ import sys
 import time
 
 from dtrain.guards import RANK_LOST_EXIT_CODE
+from dtrain.process import run_forwarding_signals
 from dtrain.signals import STOP_EXIT_CODE
 
 
 def main(argv: list[str] | None = None) -> int:
+    import accelerate.commands.launch as accelerate_launch
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(sys.argv[1:] if argv is None else argv)
     started = time.time()
+    if hasattr(accelerate_launch, "simple_launcher"):  # looked up by name in launch_command
+        accelerate_launch.simple_launcher = one_process
     try:
         launch_command(args)
     except ChildFailedError as exc:
@@ -43,15 +51,42 @@ def main(argv: list[str] | None = None) -> int:
     except subprocess.CalledProcessError as exc:  # one process: its own error is already printed
         return exc.returncode if exc.returncode > 0 else 128 - exc.returncode
     except SignalException as exc:  # the launcher was signalled (Ctrl-C, scancel) and passed it to the ranks
-        name = signal.Signals(exc.sigval).name
-        if _stopped_on_request(args.training_script_args, started, wait_s=15):
-            print(
-                f"dtrain launch: stopped by {name}; the ranks saved a checkpoint", file=sys.stderr, flush=True
-            )
-            return STOP_EXIT_CODE
-        print(f"dtrain launch: stopped by {name}", file=sys.stderr, flush=True)
-        return 128 + int(exc.sigval)
+        return _signalled(signal.Signals(exc.sigval), args, started)
+    except SystemExit as exc:  # Accelerate >= 1.16 turns that signal into sys.exit(128 + signal)
+        sig = _signal_of(exc.code)
+        if sig is None:
+            raise
+        return _signalled(sig, args, started)
     return 0
+
+
+def one_process(args) -> None:
+    """Accelerate's simple launcher (one process, its environment from Accelerate's own
+    `prepare_simple_launcher_cmd_env`), with the launcher's signals passed on to the script and no deadline:
+    the script saves and exits on its own (the run's --train.collective_timeout_s and the scheduler's grace
+    period bound it). A failure raises CalledProcessError with the script's exit code, as Accelerate's does."""
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+    cmd, env = prepare_simple_launcher_cmd_env(args)
+    code = run_forwarding_signals(cmd, env)
+    if code != 0:
+        raise subprocess.CalledProcessError(returncode=code, cmd=cmd)
+
+
+def _signal_of(code) -> signal.Signals | None:
+    """The signal a launcher's exit code 128 + N stands for, when N is one the ranks answer with a stop."""
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+    return next((s for s in stops if isinstance(code, int) and code == 128 + s), None)
+
+
+def _signalled(sig: signal.Signals, args, started: float) -> int:
+    if _stopped_on_request(args.training_script_args, started, wait_s=15):
+        print(
+            f"dtrain launch: stopped by {sig.name}; the ranks saved a checkpoint", file=sys.stderr, flush=True
+        )
+        return STOP_EXIT_CODE
+    print(f"dtrain launch: stopped by {sig.name}", file=sys.stderr, flush=True)
+    return 128 + int(sig)
 
 
 def root_failure(exc) -> tuple:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,26 @@ def exit_with(code: int) -> NoReturn:
     run. For a command's process only: a long-lived caller would keep its frozen garbage."""
     gc.freeze()
     sys.exit(code)
+
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
+    """Run `cmd` in a session of its own and wait for it, passing on every stop signal this process gets
+    (SIGINT, SIGTERM, Slurm's USR1/USR2); return its exit code. Its own session: a Ctrl-C in the terminal
+    reaches it once, through this process, not twice (a second SIGINT would end the run at once)."""
+    child = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum, _frame):
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    try:
+        return child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def guarded(entry, argv: list[str] | None = None) -> int:

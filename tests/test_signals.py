@@ -176,14 +176,23 @@ def straight_single(tmp_path_factory) -> Path:
 
 
 def test_one_process_stops_saves_and_resumes_exactly(straight_single, tmp_path):
-    """One run stopped twice, by SIGTERM and then by SIGINT, each time rerun with the same command."""
+    """One run stopped twice, each time rerun with the same command: SIGTERM to `dtrain launch single_gpu`
+    while its stop's checkpoint takes 7 s to write (saved in the background, the writer held by the test-only
+    delay: Accelerate 1.16's own one-process launcher would kill the script 5 s after passing SIGTERM on),
+    then SIGINT to the script itself."""
     out = tmp_path / "run"
-    args = [*SHAPE, "--output_dir", str(out)]
+    args = [*SHAPE, "--checkpoint.async_save", "true", "--output_dir", str(out)]
     for sig in (signal.SIGTERM, signal.SIGINT):
-        proc = _start([sys.executable, str(TRAIN), *args])
+        if sig == signal.SIGTERM:
+            proc = _start(launch_cmd("single_gpu", args, gpus=1), **{DELAY_ENV: "7"})
+        else:
+            proc = _start([sys.executable, str(TRAIN), *args])
         _wait_for_rows(out, proc, _logged(out) + 3)
+        sent = time.time()
         ended = _stop_and_check(proc, out, lambda p=proc, s=sig: p.send_signal(s))
         assert ended["signal"] == sig.name
+        if sig == signal.SIGTERM:
+            assert time.time() - sent > 7  # the stop's save was written, not cut short
     _resumes_exactly(out, straight_single, lambda: run_train(args))
 
 
