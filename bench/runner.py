@@ -70,7 +70,7 @@ def subprocess_env(threads: int | None = None, **extra: str) -> dict:
 
 def run_process(cmd: list[str], log: Path, env: dict, timeout: float, watch=None) -> Proc:
     """Run `cmd` in its own process group; wait4 gives its peak RSS (its own, or its largest reaped
-    descendant's). `watch(elapsed)` is called every 10 ms while it runs."""
+    descendant's). `watch(elapsed, pid)` is called every 10 ms while it runs (pid: `cmd`'s process)."""
     import subprocess
 
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,7 @@ def run_process(cmd: list[str], log: Path, env: dict, timeout: float, watch=None
                 break
             elapsed = time.perf_counter() - start
             if watch is not None:
-                watch(elapsed)
+                watch(elapsed, child.pid)
             if elapsed > timeout:
                 status, usage = _kill_group(child.pid)
                 fh.write(f"\nbench: killed after {timeout:.0f} s\n")

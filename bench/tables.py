@@ -285,6 +285,7 @@ def _checkpoint(t, sec: dict) -> None:
         "committed s",
         "step after a save s",
         "other steps s",
+        "stop s",
         "peak RSS MiB",
         "note",
     ):
@@ -298,6 +299,7 @@ def _checkpoint(t, sec: dict) -> None:
             fmt(r.get("committed_s"), ".2f"),
             fmt(r.get("step_after_save_s"), ".3f"),
             fmt(r.get("others_s"), ".3f"),
+            fmt(r.get("stop_s"), ".2f"),
             fmt(r.get("peak_rss_mib")),
             status_text(c),
         )

@@ -1,20 +1,24 @@
 """Asynchronous checkpoints (`--checkpoint.async_save true`): a save stages a snapshot and returns.
 
-At a save step every rank copies what the checkpoint will hold to host memory (`stage`: model and
-optimizer state through DCP's own stager, then the RNG, schedule, scaler and train state the Checkpointer
-adds), and training continues at once. A writer thread then runs the whole commit protocol on that
-snapshot: the per-rank DCP files, the agreement that every rank's write succeeded, the fsyncs, the rename,
-the marker and the rotation. It talks to the other ranks' writers over a gloo group of its own (DCP's
-collectives and the agreements), separate from the training group and from the stop-request group: a
-shared group interleaves collectives of two threads (gloo "collective mismatch" and aborts, measured).
-Its agreements reduce CPU tensors on that group, so nothing in the step waits on the device for them.
+At a save step every rank takes what the checkpoint will hold: the RNG, schedule, scaler and train state
+the Checkpointer adds are copied at once, and the model and optimizer tensors are staged to host memory by
+DCP's own stager in its staging thread, while the next step's forward and backward run. Only the next
+optimizer update waits for that copy to end (a step pre-hook on the optimizer: the update is the first
+thing that changes those tensors), so the snapshot is still the state of the save step. A writer thread
+then runs the whole commit protocol on that snapshot: the per-rank DCP files, the agreement that every
+rank's write succeeded, the fsyncs, the rename, the marker and the rotation. It talks to the other ranks'
+writers over a gloo group of its own (DCP's collectives and the agreements), separate from the training
+group and from the stop-request group: a shared group interleaves collectives of two threads (gloo
+"collective mismatch" and aborts, measured). Its agreements reduce CPU tensors on that group, so nothing
+in the step waits on the device for them.
 
 At most one save is in flight. `wait` joins it and re-raises its failure as the one line a synchronous
 save gives; the Checkpointer calls it before the next save, a load (rollback, resume), the end of
 training, a stop request and a halt, so the loop never does.
 
 Staging keeps one extra copy of this rank's model and optimizer state in host memory (reused by the next
-save; pinned on CUDA).
+save; pinned on CUDA). On CUDA the copy is a blocking one from the staging thread on the default stream:
+it is ordered after the save step's update and before the next one, and holds the host of neither.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
+from concurrent.futures import Future
 
 # light at import (the launch side reads REFUSED_UNDER_DEEPSPEED): torch is imported where it is used
 REFUSED_UNDER_DEEPSPEED = (
@@ -48,25 +54,42 @@ class BackgroundSave:
             import torch.distributed as dist
 
             self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
-        # synchronous staging on the training thread (the snapshot must be the state of this step), into
-        # storages kept for the next save; pinned host memory where there is a device to copy from
+        # staged in the stager's own thread, into storages kept for the next save; pinned host memory
+        # where there is a device to copy from
         self.stager = DefaultStager(
             StagingOptions(
                 use_pinned_memory=cuda,
                 use_shared_memory=False,
-                use_async_staging=False,
+                use_async_staging=True,
                 use_non_blocking_copy=False,
             )
         )
+        self.staging: Future | None = None  # the copy in progress, until the next update has waited for it
+        self.held_s = 0.0  # how long that update waited
         self.thread: threading.Thread | None = None
         self.failure: BaseException | None = None
         self.delay_s = float(os.environ.get(DELAY_ENV, "0") or 0)
 
-    def stage(self, state_dict: dict) -> dict:
-        """Host copies of the tensors of `state_dict` (DTensors stay DTensors, their local shards copied)."""
-        staged = self.stager.stage(state_dict)
-        assert isinstance(staged, dict)  # synchronous staging returns the dict itself, not a Future
-        return staged
+    def hold_updates(self, optimizer) -> None:
+        """Make every update of `optimizer` (Accelerate's wrapper or a torch optimizer) wait for the copy."""
+        getattr(optimizer, "optimizer", optimizer).register_step_pre_hook(self._before_update)
+
+    def stage(self, state_dict: dict) -> Future:
+        """Start copying the tensors of `state_dict` to host memory (DTensors stay DTensors, their local
+        shards copied); the Future gives the copy. Its error, if any, is the writer's to report."""
+        self.held_s = 0.0
+        staging = self.stager.stage(state_dict)
+        assert isinstance(staging, Future)  # asynchronous staging returns a Future
+        self.staging = staging
+        return staging
+
+    def _before_update(self, *_) -> None:
+        if self.staging is None:
+            return
+        started = time.perf_counter()
+        futures.wait([self.staging])
+        self.held_s = time.perf_counter() - started
+        self.staging = None
 
     def start(self, job: Callable[[], None]) -> None:
         """Run `job` (write, agree, commit) in the writer thread."""

@@ -28,6 +28,7 @@ import random
 import shutil
 import time
 import warnings
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,7 +58,8 @@ DS_UNIVERSAL_TAG = (
 class Snapshot:
     """A checkpoint's content at its save step: what the files and the marker will hold."""
 
-    dcp: dict | None  # model and optimizer state (None under DeepSpeed); host copies for a background save
+    dcp: dict | Future | None  # model and optimizer state (None under DeepSpeed); a background save's host
+    # copies arrive through a Future (the stager's thread copies them while the next step computes)
     rng: dict
     scheduler: dict
     scaler: dict | None
@@ -463,6 +465,7 @@ class Checkpointer:
             if self.deepspeed:
                 raise UserError(REFUSED_UNDER_DEEPSPEED)
             self.background = BackgroundSave(accelerator, cfg.train.collective_timeout_s)
+            self.background.hold_updates(optimizer)
 
     # -- save ----------------------------------------------------------------------------------
 
@@ -482,11 +485,13 @@ class Checkpointer:
             self._timed(step, started, time.perf_counter())
             return final
 
-        blocked_until = time.perf_counter()  # staged: the training thread goes on once the writer starts
+        blocked_s = time.perf_counter() - started  # the training thread goes on once the writer starts
+        background = self.background
 
         def write() -> None:
             self._save(snap, final, in_writer=True)
-            self._timed(step, started, blocked_until)
+            # held: this save call, and the next update's wait for the copy (over before the files were)
+            self._timed(step, started, started + blocked_s + background.held_s)
 
         self.background.start(write)
         if wait:
@@ -517,9 +522,9 @@ class Checkpointer:
 
     def _snapshot(self) -> Snapshot:
         """Everything the checkpoint's files and marker hold, as of now. For a background save the model and
-        optimizer tensors are staged to host memory: training may change the live ones at once."""
-        dcp_state = None if self.deepspeed else self._dcp_state()
-        if dcp_state is not None and self.background is not None:
+        optimizer tensors are being staged to host memory: the next update waits for that copy."""
+        dcp_state: dict | Future | None = None if self.deepspeed else self._dcp_state()
+        if isinstance(dcp_state, dict) and self.background is not None:
             dcp_state = self.background.stage(dcp_state)
         scaler = self.acc.scaler
         return Snapshot(
@@ -599,9 +604,10 @@ class Checkpointer:
             import torch.distributed.checkpoint as dcp
 
             group = self.background.group if self.background is not None else None
+            state = snap.dcp.result() if isinstance(snap.dcp, Future) else snap.dcp  # a failed copy raises
             with quiet_single_process():
                 dcp.save(
-                    snap.dcp, checkpoint_id=str(tmp / "dcp"), process_group=group, no_dist=not _distributed()
+                    state, checkpoint_id=str(tmp / "dcp"), process_group=group, no_dist=not _distributed()
                 )
         rng_dir = tmp / "rng"
         rng_dir.mkdir(exist_ok=True)

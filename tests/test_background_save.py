@@ -5,7 +5,9 @@
   (conftest.profile_runs, the same flags otherwise);
 - a disk that fills up during a background write on 2 ranks: the run ends with the one line a synchronous
   failure gives (exit 2, no traceback), the previous checkpoint intact and no temporary directory left;
-- DeepSpeed refuses the flag, in `dtrain launch` before anything starts.
+- DeepSpeed refuses the flag, in `dtrain launch` before anything starts;
+- in one process, no launch: the host copy runs beside the next step, and the update after a save waits
+  for it, so the copy is the save step's state even when the update follows at once.
 Elsewhere: a rank SIGKILLed while a background write is in flight (tests/test_guards.py), a stop request
 while one is in flight (tests/test_signals.py), the loop's host copies with async saves
 (tests/test_host_sync.py)."""
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,6 +34,7 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
+from dtrain.background_save import BackgroundSave
 from dtrain.checkpoint import MARKER, verify
 
 pytestmark = pytest.mark.slow
@@ -139,3 +143,21 @@ def test_deepspeed_refuses_background_saves_before_launch():
     assert proc.returncode == 2
     assert "--checkpoint.async_save true is for the DCP profiles" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_the_update_after_a_save_waits_for_its_host_copy():
+    """A 256 MiB parameter staged, then an SGD update at once (no forward in between to hide the copy):
+    the staged tensor holds the save step's values, and the update waited for it. The accelerator stands
+    in as the two fields BackgroundSave reads (device, process count): one process, no group."""
+    weight = torch.nn.Parameter(torch.zeros(64 * 2**20))
+    weight.grad = torch.full_like(weight, -1.0)
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    background = BackgroundSave(SimpleNamespace(device=torch.device("cpu"), num_processes=1), 60)
+    background.hold_updates(optimizer)
+    staging = background.stage({"weight": weight})
+    optimizer.step()  # weight becomes 1.0 everywhere, once the copy is over
+    staged = staging.result()["weight"]
+    assert staged.data_ptr() != weight.data_ptr()
+    assert torch.count_nonzero(staged) == 0  # not one element of the update reached the copy
+    assert torch.all(weight == 1.0)
+    assert background.staging is None and background.held_s >= 0

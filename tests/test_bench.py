@@ -117,11 +117,14 @@ def test_prepare_reads_every_token_the_baseline_reads_and_trains_on_two_ranks(qu
 
 def test_checkpoint_section_times_what_a_save_blocks(quick):
     """Synchronous: the loop is held for the whole save; async: only while the snapshot is staged, and the
-    commit comes later. A background save's times reach the first metrics row after its commit, so the last
+    commit comes later; a stop request with a background save in flight commits both and exits 75. A background save's times reach the first metrics row after its commit, so the last
     periodic one may land after the last row. (Times are reported, not judged, in quick mode.)"""
     section = _section(quick, "section_checkpoint")
-    assert all(section["cases"][c]["status"] == "ok" for c in ("sync", "async")), section["cases"]
-    sync, background = (section["cases"][c]["repeats"][0] for c in ("sync", "async"))
+    assert all(section["cases"][c]["status"] == "ok" for c in ("sync", "async", "stop")), section["cases"]
+    sync, background, stop = (section["cases"][c]["repeats"][0] for c in ("sync", "async", "stop"))
     assert sync["saves"] >= background["saves"] >= 1
     assert sync["blocked_s"] == pytest.approx(sync["committed_s"], abs=0.01)
     assert background["blocked_s"] < background["committed_s"]
+    # SIGTERM with a save in flight: exit 75 with that save and the stop's own committed (checked by the
+    # section, which fails the case otherwise), timed from the signal
+    assert stop["saves"] >= 2 and 0 < stop["stop_s"] < 120

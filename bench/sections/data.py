@@ -73,7 +73,7 @@ class RankWatch:
             rank = next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
             self.ranks[int(entry.name)] = rank
 
-    def __call__(self, elapsed: float) -> None:
+    def __call__(self, elapsed: float, _pid: int) -> None:
         if elapsed - self.last < self.every:
             return
         self.last = elapsed
