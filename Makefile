@@ -6,8 +6,9 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev,deepspeed,bnb,torchao,trackers,bench,peft,plot
+GPU_OUT ?= runs/test-gpu
 
-.PHONY: train test lint venv clean bench
+.PHONY: train test test-gpu lint venv clean bench
 
 $(VENV)/.stamp-base: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +30,15 @@ test: $(VENV)/.stamp-dev  ## the whole suite, multi-process cases included
 
 bench: $(VENV)/.stamp-dev  ## dtrain beside Trainer and minimal loops, one run (bench/run.py; ARGS=--quick or --gpu)
 	$(PY) bench/run.py $(ARGS)
+
+# tests/gpu (skipped without CUDA), then the GPU benchmark where CUDA is, then one table (docs/gpu.md);
+# the report's exit status is the verdict
+test-gpu: $(VENV)/.stamp-dev  ## every GPU-only path in one command (budget: 8 min on one H100/H200; never run on a GPU yet)
+	rm -rf $(GPU_OUT)
+	-DTRAIN_GPU_REPORT=$(GPU_OUT)/gpu_checks.json $(PY) -m pytest -q tests/gpu $(PYTEST_ARGS)
+	-if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+		$(PY) bench/run.py --gpu --out $(GPU_OUT)/bench_gpu.json; fi
+	$(PY) tests/gpu/report.py $(GPU_OUT)
 
 lint: $(VENV)/.stamp-dev  ## ruff check, ruff format --check, mypy (versions pinned in the dev extra)
 	$(VENV)/bin/ruff check .

@@ -34,21 +34,31 @@ from dtrain.guards import NONFINITE_EXIT_CODE
 SEED, N, BATCH, STEPS, FAULT_STEP = 42, 64, 4, 5, 3
 
 
-@pytest.fixture(scope="module")
-def poisoned_model(tmp_path_factory) -> Path:
+def write_tiny_llama(path: Path, edit) -> Path:
+    """A tiny Llama directory with the character tokenizer, `edit(model, tokenizer)` applied to its weights
+    before it is saved (also the GPU suite's models, tests/gpu/common.py)."""
     from transformers import AutoModelForCausalLM
 
     from dtrain.tasks import build_char_tokenizer
 
-    path = tmp_path_factory.mktemp("nan_row_llama")
     tok = build_char_tokenizer()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", tok))
     with torch.no_grad():
-        model.get_input_embeddings().weight[tok.convert_tokens_to_ids("~")] = float("nan")
+        edit(model, tok)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def nan_row(model, tok) -> None:
+    """The fault: the embedding row of `~` is NaN, so only an example with a `~` reaches it."""
+    model.get_input_embeddings().weight[tok.convert_tokens_to_ids("~")] = float("nan")
+
+
+@pytest.fixture(scope="module")
+def poisoned_model(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("nan_row_llama"), nan_row)
 
 
 def example(i: int, poison: bool = False, no_target: bool = False) -> dict:

@@ -42,10 +42,8 @@ LORA = [
 ]
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    """A user's Qwen2 directory (tied embeddings, biases on q/k/v) saved with the character tokenizer."""
-    root = tmp_path_factory.mktemp("qwen2_base")
+def write_capitals(path: Path) -> Path:
+    """Alpaca rows that ask for a word in capitals (64 of them, 8 words repeated 1-3 times), as JSONL."""
     words = ["apple", "river", "stone", "cloud", "maple", "tiger", "lemon", "piano"]
     rows = [
         {
@@ -55,7 +53,15 @@ def base_dir(tmp_path_factory) -> Path:
         }
         for i, w in enumerate(words * 8)
     ]
-    (root.parent / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    """A user's Qwen2 directory (tied embeddings, biases on q/k/v) saved with the character tokenizer."""
+    root = tmp_path_factory.mktemp("qwen2_base")
+    write_capitals(root.parent / "data.jsonl")
     return save_pretrained_dir(root / "model", "qwen2", build_char_tokenizer(), seed=3)
 
 
