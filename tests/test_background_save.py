@@ -6,6 +6,7 @@
 - a disk that fills up during a background write on 2 ranks: the run ends with the one line a synchronous
   failure gives (exit 2, no traceback), the previous checkpoint intact and no temporary directory left;
 - DeepSpeed refuses the flag, in `dtrain launch` before anything starts;
+- hsdp (2 x 2) saving in the background on 2 Slurm nodes: tests/test_slurm.py;
 - in one process, no launch: the host copy runs beside the next step, and the update after a save waits
   for it, so the copy is the save step's state even when the update follows at once.
 Elsewhere: a rank SIGKILLed while a background write is in flight (tests/test_guards.py), a stop request
@@ -58,7 +59,7 @@ def async_runs(tmp_path_factory):
     return run
 
 
-def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+def dcp_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint, by name: the DCP shards gathered into one state dict, the RNG files,
     the schedule."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -97,7 +98,7 @@ def test_background_saves_are_bitwise_the_synchronous_ones(where, async_runs, pr
     for step in ("step-00000003", "step-00000006"):
         got, want = out / "checkpoints" / step, sync / "checkpoints" / step
         assert verify(got) is None
-        tg, tw = _tensors(got), _tensors(want)
+        tg, tw = dcp_tensors(got), dcp_tensors(want)
         assert tg.keys() == tw.keys() and len(tg) > 10
         for k in tw:
             if isinstance(tw[k], torch.Tensor):

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import (
     HSDP_BATCH,
     PROFILE_SHAPE,
@@ -35,6 +36,7 @@ from conftest import (
     train_rows,
 )
 from slurm_cluster import SlurmCluster, SlurmUnavailable, install_slurm
+from test_background_save import dcp_tensors
 
 SLURM_DIR = REPO / "launch" / "slurm"
 MULTI, SINGLE = SLURM_DIR / "multi_node.sbatch", SLURM_DIR / "single_node.sbatch"
@@ -213,8 +215,11 @@ def test_multi_node_trains_like_one_node(profile, slurm, references, tmp_path):
 @pytest.mark.slow
 def test_multi_node_hsdp_shards_inside_a_node_and_replicates_across(slurm, profile_runs, tmp_path):
     """PROFILE=hsdp on 2 nodes x 2 processes: the sizes come from the launch (one replica per node, dp_shard =
-    processes per node), and the job trains as the same 2 x 2 mesh on one machine (conftest's shared run)."""
-    flags = [*PROFILE_SHAPE[2:], *HSDP_BATCH]  # the shared run's flags after its --config (RECIPE here)
+    processes per node), and the job trains as the same 2 x 2 mesh on one machine (conftest's shared run).
+    It saves in the background (--checkpoint.async_save), across the nodes: its checkpoints are bitwise the
+    shared run's synchronous ones."""
+    # the shared run's flags after its --config (RECIPE here), saving in the background
+    flags = [*PROFILE_SHAPE[2:], *HSDP_BATCH, "--checkpoint.async_save", "true"]
     job = submit(slurm, MULTI, tmp_path, flags, "--nodes=2", PROFILE="hsdp", GPUS_PER_NODE="2")
     reference, _ = profile_runs("hsdp")  # while the job runs
     info = job.wait()
@@ -225,6 +230,13 @@ def test_multi_node_hsdp_shards_inside_a_node_and_replicates_across(slurm, profi
     assert _run_info(job.out)["distributed"]["mesh"]["dims"] == {"dp_replicate": 2, "dp_shard": 2}
     assert "hsdp 2x2 x 4 on 2 nodes" in text
     assert_same_losses(job.out, reference)
+    assert "--checkpoint.async_save: each save stages a host copy" in text  # saved in the background
+    for step in ("step-00000003", "step-00000006"):
+        got, want = (dcp_tensors(run / "checkpoints" / step) for run in (job.out, reference))
+        assert got.keys() == want.keys() and len(got) > 10
+        assert all(
+            torch.equal(got[k], want[k]) if torch.is_tensor(want[k]) else got[k] == want[k] for k in want
+        )
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ def section_startup(ctx: Ctx, say) -> dict:
         metrics = out / "metrics.jsonl"
         hit = {}
 
-        def watch(elapsed):
+        def watch(elapsed, _pid):
             if "t" not in hit and metrics.is_file() and '"loss"' in metrics.read_text():
                 hit["t"] = elapsed
 
