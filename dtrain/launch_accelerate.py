@@ -22,7 +22,7 @@ import sys
 import time
 
 from dtrain.guards import RANK_LOST_EXIT_CODE
-from dtrain.process import run_forwarding_signals
+from dtrain.process import STOP_SIGNALS, run_forwarding_signals
 from dtrain.signals import STOP_EXIT_CODE
 
 
@@ -34,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = launch_command_parser().parse_args(sys.argv[1:] if argv is None else argv)
     started = time.time()
-    if hasattr(accelerate_launch, "simple_launcher"):  # looked up by name in launch_command
-        accelerate_launch.simple_launcher = one_process
+    accelerate_launch.simple_launcher = one_process  # looked up by name in launch_command
     try:
         launch_command(args)
     except ChildFailedError as exc:
@@ -75,7 +74,11 @@ def one_process(args) -> None:
 
 def _signal_of(code) -> signal.Signals | None:
     """The signal a launcher's exit code 128 + N stands for, when N is one the ranks answer with a stop."""
-    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+    stops = (
+        *STOP_SIGNALS,
+        signal.SIGHUP,
+        signal.SIGQUIT,
+    )  # torchrun's own two as well (PET_SIGNALS_TO_HANDLE)
     return next((s for s in stops if isinstance(code, int) and code == 128 + s), None)
 
 

@@ -27,7 +27,8 @@ def exit_with(code: int) -> NoReturn:
     sys.exit(code)
 
 
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# the signals a run answers with a stop (dtrain.signals), and that launchers pass on to it
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
@@ -39,7 +40,7 @@ def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
     def forward(signum, _frame):
         child.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
         return child.wait()
     finally:

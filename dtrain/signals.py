@@ -17,7 +17,8 @@ import signal
 
 import torch
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+from dtrain.process import STOP_SIGNALS
+
 STOP_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, a checkpoint saved; rerun the same command to resume
 
 
