@@ -78,10 +78,12 @@ class BackgroundSave:
         """Start copying the tensors of `state_dict` to host memory (DTensors stay DTensors, their local
         shards copied); the Future gives the copy. Its error, if any, is the writer's to report."""
         self.held_s = 0.0
-        staging = self.stager.stage(state_dict)
-        assert isinstance(staging, Future)  # asynchronous staging returns a Future
-        self.staging = staging
-        return staging
+        copies: dict[tuple, object] = {}
+        plain = _without_subclasses(state_dict, (), copies)
+        staged = self.stager.stage(plain)
+        assert isinstance(staged, Future)  # asynchronous staging returns a Future
+        self.staging = _joined(staged, copies) if copies else staged
+        return self.staging
 
     def _before_update(self, *_) -> None:
         if self.staging is None:
@@ -129,6 +131,73 @@ class BackgroundSave:
 
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())  # a CPU tensor: no device sync
+
+
+# Tensor subclasses (torchao's 8-bit optimizer state, OptimState8bit) implement neither new_empty, which
+# the stager allocates its host copies with, nor a copying clone. They are copied here, on the training
+# thread, from their inner tensors: a few bytes per parameter (codes and scales), against the 8 of AdamW.
+
+
+def _is_subclass(t) -> bool:
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    while isinstance(t, DTensor):  # a DTensor is staged as its local shard
+        t = t._local_tensor
+    return type(t) not in (torch.Tensor, torch.nn.Parameter)
+
+
+def _host_copy(t):
+    """A host copy of `t` sharing no memory with it, rebuilt from its inner tensors where it has some."""
+    import torch
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not isinstance(t, torch.Tensor):  # a DTensor's device mesh, among its inner attributes
+        return t
+    if is_traceable_wrapper_subclass(t):
+        names, ctx = t.__tensor_flatten__()
+        inner = {name: _host_copy(getattr(t, name)) for name in names}
+        return type(t).__tensor_unflatten__(inner, ctx, t.size(), t.stride())
+    return t.detach().to("cpu", copy=True)
+
+
+def _without_subclasses(node, path: tuple, copies: dict):
+    """`node` with every tensor subclass left out (None); their host copies go in `copies`, by path."""
+    import torch
+
+    if isinstance(node, dict):
+        return {k: _without_subclasses(v, (*path, k), copies) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_without_subclasses(v, (*path, i), copies) for i, v in enumerate(node)]
+    if isinstance(node, torch.Tensor) and _is_subclass(node):
+        copies[path] = _host_copy(node)
+        return None
+    return node
+
+
+def _with_copies(node, path: tuple, copies: dict):
+    """The staged state with the copies put back (new containers: the stager keeps its own for reuse)."""
+    if path in copies:
+        return copies[path]
+    if isinstance(node, dict):
+        return {k: _with_copies(v, (*path, k), copies) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_with_copies(v, (*path, i), copies) for i, v in enumerate(node)]
+    return node
+
+
+def _joined(staged: Future, copies: dict) -> Future:
+    """A Future of the staged state with the copies put back, done when the staging is."""
+    joined: Future = Future()
+
+    def done(f: Future) -> None:
+        try:
+            joined.set_result(_with_copies(f.result(), (), copies))
+        except BaseException as exc:
+            joined.set_exception(exc)
+
+    staged.add_done_callback(done)
+    return joined
 
 
 def staging_line(model, optimizer_name: str) -> str:

@@ -414,21 +414,30 @@ def rotate(root: Path, keep_last: int, keep_every: int, best_metric: str | None)
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _why(error: BaseException | None, root: Path, previous: list[Path]) -> str:
-    """The cause of a failed save in a few words. Writers often hide ENOSPC (torch.save reports a zip
-    offset mismatch), so free space and write permission are checked directly."""
+STORAGE_FIX = "Free disk space or fix permissions under --output_dir, then rerun to resume"
+
+
+def _why(error: BaseException | None, root: Path, previous: list[Path]) -> tuple[str, str]:
+    """The cause of a failed save in a few words, and its fix. Writers often hide ENOSPC (torch.save
+    reports a zip offset mismatch), so free space and write permission are checked directly."""
     if error is None:
-        return "another rank failed"
+        return "another rank failed", STORAGE_FIX
     if isinstance(error, CheckpointException) and error.failures:  # DCP: the first rank's own error
         error = next(iter(error.failures.values()))[0]  # (exception, traceback summary) pairs
     cause = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
     need = sum(f["bytes"] for f in read_marker(previous[-1])["files"]) if previous else 0
     free = shutil.disk_usage(root).free if root.exists() else 0
     if free < max(need, 1):
-        return f"disk full ({free / 2**20:.1f} MiB free under {root}, a checkpoint needs {need / 2**20:.1f} MiB) ({cause})"
+        return (
+            f"disk full ({free / 2**20:.1f} MiB free under {root}, a checkpoint needs {need / 2**20:.1f} MiB) ({cause})",
+            STORAGE_FIX,
+        )
     if not os.access(root, os.W_OK):
-        return f"permission denied: {root} is not writable ({cause})"
-    return cause
+        return f"permission denied: {root} is not writable ({cause})", STORAGE_FIX
+    if isinstance(error, OSError):
+        return cause, STORAGE_FIX
+    # not the storage: some state this version cannot save
+    return cause, "This is not a disk error: please report it with this line"
 
 
 class Checkpointer:
@@ -586,10 +595,8 @@ class Checkpointer:
             if previous
             else "no earlier checkpoint exists"
         )
-        raise CheckpointError(
-            f"saving checkpoint {final} failed: {_why(error, self.root, previous)}; {kept}. "
-            "Free disk space or fix permissions under --output_dir, then rerun to resume"
-        )
+        cause, fix = _why(error, self.root, previous)
+        raise CheckpointError(f"saving checkpoint {final} failed: {cause}; {kept}. {fix}")
 
     def _write(self, tmp: Path, snap: Snapshot) -> None:
         acc = self.acc

@@ -221,6 +221,18 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(straight, tmp_pat
     assert same_weights(run, straight)
 
 
+def test_the_fix_of_a_failed_save_follows_its_cause(tmp_path):
+    """A storage error keeps the disk advice; any other error (some state this version cannot save) does not
+    send the user to free disk space."""
+    from dtrain.checkpoint import STORAGE_FIX, _why
+
+    cause, fix = _why(OSError(28, "No space left on device"), tmp_path, [])
+    assert fix == STORAGE_FIX and "No space left" in cause
+    cause, fix = _why(NotImplementedError("OptimState8bit: new_empty"), tmp_path, [])
+    assert cause == "NotImplementedError: OptimState8bit: new_empty"
+    assert "not a disk error" in fix and "disk space" not in fix
+
+
 def test_unwritable_checkpoint_dir_fails_the_save_and_keeps_the_previous(straight, tmp_path):
     """Root ignores file modes, so the directory is made unwritable for real with a read-only bind mount."""
     run = resumable_copy(straight, tmp_path / "run", 8)

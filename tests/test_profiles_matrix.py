@@ -107,21 +107,25 @@ def test_profile_trains_saves_resumes_and_exports(profile, single, profile_runs,
 
 
 @pytest.mark.parametrize(
-    ("profile", "optim"),
+    ("profile", "optim", "async_save"),
     [
-        ("ddp", "adamw_8bit"),
-        ("zero1", "adamw_8bit"),
-        ("zero2", "paged_adamw_8bit"),
-        ("zero3", "adamw_8bit"),
-        ("fsdp", "adamw_8bit_ao"),
+        ("ddp", "adamw_8bit", "true"),  # bitsandbytes' state: plain uint8 tensors, staged by DCP's stager
+        ("zero1", "adamw_8bit", "false"),
+        ("zero2", "paged_adamw_8bit", "false"),
+        ("zero3", "adamw_8bit", "false"),
+        # torchao's state is a tensor subclass the stager cannot copy: copied from its codes and scales; the
+        # resume from step 2 shows the snapshot is step 2's state, not the live one the next update changed
+        ("fsdp", "adamw_8bit_ao", "true"),
     ],
 )
-def test_eight_bit_state_is_really_eight_bit_and_resumes(profile, optim, tmp_path):
+def test_eight_bit_state_is_really_eight_bit_and_resumes(profile, optim, async_save, tmp_path):
     args = [
         *TINY,
         *WIDER,
         "--optim.name",
         optim,
+        "--checkpoint.async_save",
+        async_save,
         "--train.max_steps",
         "4",
         "--checkpoint.save_steps",
