@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from dtrain.process import guarded  # light: no torch
@@ -18,6 +19,14 @@ commands:
   plot     draw a run's curves (loss, lr, gradient norm, throughput, memory) to PNGs (dtrain plot --help)
   plot-lr  draw a recipe's learning-rate schedule, as its scheduler produces it (dtrain plot-lr --help)
 """
+
+
+class Parser(argparse.ArgumentParser):
+    """The subcommands' argument parser: a bad or missing argument is one line, as every dtrain error
+    (argparse prints its whole usage first; `--help` still shows it)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 HEAVY = ("train", "prepare", "export", "plan", "plot-lr")  # these import torch and the Hugging Face libraries

@@ -30,6 +30,7 @@ from dtrain.checkpoint import (
     read_marker,
     verify,
 )
+from dtrain.cli import Parser
 from dtrain.config import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -171,9 +172,7 @@ def export_final(accelerator, checkpoint: Path, out_dir: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dtrain export", description=__doc__.split("\n\n")[0], allow_abbrev=False
-    )
+    parser = Parser(prog="dtrain export", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument(
         "checkpoint", type=Path, help="a checkpoint directory (step-..., best) or a run directory"
     )

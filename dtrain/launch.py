@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from dtrain.background_save import REFUSED_UNDER_DEEPSPEED
+from dtrain.cli import Parser
 from dtrain.config import Config, ConfigError, UserError, parse_config
 from dtrain.guards import deepspeed_check_off
 from dtrain.mesh import ASKED, Mesh
@@ -309,9 +310,7 @@ def split_train_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     argv, train_args = split_train_args(argv)
-    parser = argparse.ArgumentParser(
-        prog="dtrain launch", description=__doc__.split("\n\n")[0], allow_abbrev=False
-    )
+    parser = Parser(prog="dtrain launch", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument(
         "profile", help=f"one of {', '.join(list_profiles())}, or a path to an accelerate config YAML"
     )

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from dtrain.cli import Parser
 from dtrain.config import UserError
 
 if TYPE_CHECKING:
@@ -497,7 +498,7 @@ def at_eval(out_dir: str | os.PathLike, say: Say) -> Counts:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="dtrain plot",
         description="Draw runs' curves to PNGs (loss, eval, lr, gradient norm, throughput, memory); one run "
         "also gets summary.md. Several runs are overlaid.",
@@ -551,7 +552,7 @@ def split_plot_lr_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def build_lr_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="dtrain plot-lr",
         description="Draw a recipe's learning rate per optimizer step, as the run's own scheduler produces "
         "it. Every other flag is a training flag (--config R.yaml --optim.scheduler wsd ...).",

@@ -175,7 +175,7 @@ def launcher_settings(pid: int | None = None, args=None) -> dict:
 
 
 # Accelerate versions whose internals `enable_fsdp_on_cpu` was written and tested against.
-FSDP_ON_CPU_TESTED = ("1.15",)
+FSDP_ON_CPU_TESTED = ("1.15", "1.16")
 
 
 def enable_fsdp_on_cpu(accelerator) -> bool:
@@ -190,7 +190,7 @@ def enable_fsdp_on_cpu(accelerator) -> bool:
     wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if not (wants_fsdp and state.distributed_type == DistributedType.MULTI_CPU):
         return False
-    if not accelerate.__version__.startswith(FSDP_ON_CPU_TESTED):
+    if not accelerate.__version__.startswith(FSDP_ON_CPU_TESTED) and accelerator.is_main_process:
         print(
             f"dtrain: FSDP on CPU is tested with Accelerate {', '.join(FSDP_ON_CPU_TESTED)}; "
             f"this is {accelerate.__version__}",

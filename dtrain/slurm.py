@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 
+from dtrain.cli import Parser
 from dtrain.config import ConfigError, UserError, parse_config
 from dtrain.launch import REPO, list_profiles, load_profile, mesh_problems, split_train_args
 
@@ -55,9 +56,7 @@ def build_sbatch(args: argparse.Namespace, train_args: list[str]) -> tuple[list[
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     argv, train_args = split_train_args(argv)
-    parser = argparse.ArgumentParser(
-        prog="dtrain slurm", description=__doc__.split("\n\n")[0], allow_abbrev=False
-    )
+    parser = Parser(prog="dtrain slurm", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument(
         "profile", help=f"one of {', '.join(list_profiles())}, or a path to an accelerate config"
     )

@@ -18,6 +18,7 @@ import shlex
 import sys
 from dataclasses import dataclass, replace
 
+from dtrain.cli import Parser
 from dtrain.config import Config, UserError, parse_config
 from dtrain.plan import devices
 
@@ -25,7 +26,7 @@ PLAN_FLAGS = ("--gpus", "--nodes", "--gpu-memory", "--gpu", "--json", "--calibra
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="dtrain plan",
         description="Estimate every profile's memory per GPU for a recipe and recommend the one to launch; "
         "training flags (--config R, --train.*, --model.*) are read as `dtrain train` reads them.",
