@@ -540,6 +540,8 @@ def split_plot_lr_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         word = argv[i]
         if word in ("-h", "--help"):
             own.append(word)
+        elif word == "--":  # training flags after it, as for `dtrain launch`
+            pass
         elif word in LR_FLAGS:  # its value follows (argparse names a missing one)
             own += argv[i : i + 2]
             i += 1

@@ -308,10 +308,23 @@ def test_plan_command_prints_a_table_json_and_a_line_that_launches(capsys):
     assert "recommended: ddp" in text and "dtrain launch ddp --gpus 2 --" in text
     assert "activations measured on fake tensors" in text and "fits: total <= 90%" in text
 
+    # a profile the recipe cannot run is a short row; its reason is spelled out once, under the table, in full
+    assert main([*TINY, "--gpus", "2", "--gpu", "H100", "--checkpoint.async_save", "true"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("profile"))
+    assert "micro x accum  weights" in header  # the columns keep their own widths
+    assert [line.split() for line in lines if line.startswith("zero3 ")] == [["zero3", "refused"]]
+    why = [line for line in lines if line.startswith("refused (")]
+    assert len(why) == 1 and why[0].startswith("refused (zero1, zero2, zero3")
+    assert why[0].endswith("use --checkpoint.async_save false under DeepSpeed")
+
 
 def test_plan_flags_are_split_from_training_flags():
     args, train = split_plan_args(["--config", "r.yaml", "--gpus", "4", "--train.max_steps", "5", "--json"])
     assert (args.gpus, args.json, train) == (4, True, ["--config", "r.yaml", "--train.max_steps", "5"])
+    # or after `--`, as `dtrain launch` takes them
+    args, train = split_plan_args(["--gpus", "4", "--", "--config", "r.yaml", "--train.max_steps", "5"])
+    assert (args.gpus, train) == (4, ["--config", "r.yaml", "--train.max_steps", "5"])
     assert (
         parse_size("80GB") == 80 * 10**9 and parse_size("80GiB") == 80 * GiB and parse_size("512MiB") == 2**29
     )

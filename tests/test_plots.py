@@ -193,6 +193,8 @@ def test_plot_lr_marks_restarts_and_needs_steps_for_epochs(tmp_path):
         plots.plot_lr_main([*epochs, "--out", str(tmp_path / "e.png")])
     args, rest = plots.split_plot_lr_args([*epochs, "--steps=12", "--out", "x.png"])
     assert (args.steps, args.out, rest) == (12, "x.png", epochs)
+    args, rest = plots.split_plot_lr_args(["--steps", "12", "--", *epochs])  # as `dtrain launch` takes them
+    assert (args.steps, rest) == (12, epochs)
 
 
 # --------------------------------------------------------------------------------------------

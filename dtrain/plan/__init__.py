@@ -47,8 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def split_plan_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """(the plan's own flags, the training flags)."""
+    """(the plan's own flags, the training flags). The training flags may also follow a `--`, as they do
+    for `dtrain launch`, so a launch command's flags can be planned as written."""
     args, train_args = build_parser().parse_known_args(argv)
+    if "--" in train_args:
+        train_args.remove("--")
     if args.gpus < 1 or args.nodes < 1:
         raise UserError(f"--gpus and --nodes must be >= 1 (got {args.gpus} and {args.nodes})")
     return args, train_args

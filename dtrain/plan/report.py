@@ -36,7 +36,7 @@ def _savers(s) -> str:
 def _cells(row) -> list[str]:
     name = row.candidate.name + (f" + {row.optimizer_note}" if row.optimizer_note else "")
     if row.candidate.refused:
-        return [name, "refused: " + row.candidate.refused[:90]] + [""] * (len(HEADERS) - 2)
+        return [name, "refused"] + [""] * (len(HEADERS) - 2)  # why: under the table (_refusals)
     e = row.estimate
     s = e.setting
     fits = {True: "yes", False: "no", None: "?"}[row.fits]
@@ -50,10 +50,10 @@ def _cells(row) -> list[str]:
 
 
 def _table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADERS))]
+    widths = [max(len(r[i]) for r in rows if r[1] != "refused" or i == 0) for i in range(len(HEADERS))]
     lines = []
     for r in rows:
-        if r[1].startswith("refused"):
+        if r[1] == "refused":
             lines.append(f"{r[0]:<{widths[0]}}  {r[1]}")
         else:
             lines.append(
@@ -63,6 +63,15 @@ def _table(rows: list[list[str]]) -> list[str]:
                 )
             )
     return lines
+
+
+def _refusals(rows) -> list[str]:
+    """Each reason a profile was refused, once, with the profiles it refused."""
+    by_reason: dict[str, list[str]] = {}
+    for r in rows:
+        if r.candidate.refused:
+            by_reason.setdefault(r.candidate.refused, []).append(r.candidate.name)
+    return [f"refused ({', '.join(names)}): {why}" for why, names in by_reason.items()]
 
 
 def as_text(plan) -> str:
@@ -77,13 +86,14 @@ def as_text(plan) -> str:
         "memory per GPU, GiB:",
     ]
     rows = [list(HEADERS)] + [_cells(r) for r in plan.rows]
-    lines = head + _table(rows)
+    lines = head + _table(rows) + _refusals(plan.rows)
     if plan.extra_rows:
         lines += [
             "",
             "with an 8-bit optimizer instead (another optimizer changes the training: shown, never recommended):",
         ]
         lines += _table([list(HEADERS)] + [_cells(r) for r in plan.extra_rows])[1:]
+        lines += _refusals(plan.extra_rows)
     lines.append("")
     if plan.choice:
         said = f" ({' and '.join(plan.choice.savers)} needed to fit)" if plan.choice.savers else ""
