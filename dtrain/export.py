@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from dtrain import quiet
 from dtrain.checkpoint import (
     DS_TAG,
     MARKER,
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet.no_weight_bars()
     try:
         ckpt = export_checkpoint(
             args.checkpoint, args.out_dir, args.dtype, args.max_shard_size, args.overwrite, args.adapter_only

@@ -95,11 +95,19 @@ def once_distributed(is_main_process: bool) -> None:
     where it is), and errors only from ranks a launcher started without RANK in their environment."""
     if verbose():
         return
+    no_weight_bars()
+    if not is_main_process:
+        _errors_only()
+
+
+def no_weight_bars() -> None:
+    """transformers' "Loading weights" and "Writing model shards" bars off: dtrain says what it loaded and
+    wrote (the run's start-up line, `dtrain export`'s last line)."""
+    if verbose():
+        return
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    if not is_main_process:
-        _errors_only()
 
 
 @contextlib.contextmanager

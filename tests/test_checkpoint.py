@@ -513,6 +513,7 @@ def test_export_of_a_run_dir_and_of_best(straight, tmp_path):
     proc = run_dtrain("export", str(straight), str(tmp_path / "newest"))
     assert_ok(proc)
     assert "step-00000012" in proc.stdout
+    assert "Writing model shards" not in proc.stderr, proc.stderr  # dtrain's own line says what it wrote
     newest = load_file(tmp_path / "newest" / "model.safetensors")
     final = load_file(straight / "final" / "model.safetensors")  # final/ is the same code on the same step
     assert all(torch.equal(newest[k], final[k]) for k in final)
