@@ -79,7 +79,7 @@ class BackgroundSave:
         shards copied); the Future gives the copy. Its error, if any, is the writer's to report."""
         self.held_s = 0.0
         copies: dict[tuple, object] = {}
-        plain = _without_subclasses(state_dict, (), copies)
+        plain = _without_subclasses(state_dict, copies)
         staged = self.stager.stage(plain)
         assert isinstance(staged, Future)  # asynchronous staging returns a Future
         self.staging = _joined(staged, copies) if copies else staged
@@ -161,29 +161,27 @@ def _host_copy(t):
     return t.detach().to("cpu", copy=True)
 
 
-def _without_subclasses(node, path: tuple, copies: dict):
-    """`node` with every tensor subclass left out (None); their host copies go in `copies`, by path."""
+def _mapped(node, leaf: Callable, path: tuple = ()):
+    """`node`'s dicts and lists rebuilt (new containers: the stager keeps its own for reuse), each other
+    value replaced by `leaf(path, value)`."""
+    if isinstance(node, dict):
+        return {k: _mapped(v, leaf, (*path, k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_mapped(v, leaf, (*path, i)) for i, v in enumerate(node)]
+    return leaf(path, node)
+
+
+def _without_subclasses(state: dict, copies: dict) -> dict:
+    """`state` with every tensor subclass left out (None); their host copies go in `copies`, by path."""
     import torch
 
-    if isinstance(node, dict):
-        return {k: _without_subclasses(v, (*path, k), copies) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_without_subclasses(v, (*path, i), copies) for i, v in enumerate(node)]
-    if isinstance(node, torch.Tensor) and _is_subclass(node):
-        copies[path] = _host_copy(node)
-        return None
-    return node
+    def leaf(path: tuple, value):
+        if isinstance(value, torch.Tensor) and _is_subclass(value):
+            copies[path] = _host_copy(value)
+            return None
+        return value
 
-
-def _with_copies(node, path: tuple, copies: dict):
-    """The staged state with the copies put back (new containers: the stager keeps its own for reuse)."""
-    if path in copies:
-        return copies[path]
-    if isinstance(node, dict):
-        return {k: _with_copies(v, (*path, k), copies) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_with_copies(v, (*path, i), copies) for i, v in enumerate(node)]
-    return node
+    return _mapped(state, leaf)
 
 
 def _joined(staged: Future, copies: dict) -> Future:
@@ -192,7 +190,7 @@ def _joined(staged: Future, copies: dict) -> Future:
 
     def done(f: Future) -> None:
         try:
-            joined.set_result(_with_copies(f.result(), (), copies))
+            joined.set_result(_mapped(f.result(), lambda path, value: copies.get(path, value)))
         except BaseException as exc:
             joined.set_exception(exc)
 

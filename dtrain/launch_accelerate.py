@@ -74,11 +74,7 @@ def one_process(args) -> None:
 
 def _signal_of(code) -> signal.Signals | None:
     """The signal a launcher's exit code 128 + N stands for, when N is one the ranks answer with a stop."""
-    stops = (
-        *STOP_SIGNALS,
-        signal.SIGHUP,
-        signal.SIGQUIT,
-    )  # torchrun's own two as well (PET_SIGNALS_TO_HANDLE)
+    stops = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGQUIT)  # and torchrun's own two (PET_SIGNALS_TO_HANDLE)
     return next((s for s in stops if isinstance(code, int) and code == 128 + s), None)
 
 

@@ -345,68 +345,52 @@ def bpe_tokenizer(texts: list[str], pad: bool, vocab_size: int = 300):
     return tok
 
 
-def tiny_config(family: str, tokenizer, vocab_size: int | None = None, max_positions: int = 256):
-    """A 2-layer, 32-wide config of `family` (llama, qwen2, gpt2, gpt_neox). The vocabulary is the
-    tokenizer's rounded up to a multiple of 64, as real checkpoints pad it."""
+def tiny_config(family: str, tokenizer, vocab_size: int | None = None, max_positions: int = 256, **sizes):
+    """A 2-layer, 32-wide config of `family` (llama, qwen2, gpt2, gpt_neox); `sizes` (hidden_size=1024,
+    num_hidden_layers=4, ...) override its fields. The vocabulary is the tokenizer's rounded up to a
+    multiple of 64, as real checkpoints pad it."""
     import transformers
 
-    vocab = vocab_size or -(-len(tokenizer) // 64) * 64
-    ids = {
+    common = {
+        "vocab_size": vocab_size or -(-len(tokenizer) // 64) * 64,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
+    decoder = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": max_positions,
+    }
     if family == "llama":  # untied head, grouped-query attention
-        return transformers.LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=max_positions,
-            tie_word_embeddings=False,
-            **ids,
+        cls, fields = (
+            transformers.LlamaConfig,
+            {**decoder, "num_key_value_heads": 1, "tie_word_embeddings": False},
         )
-    if family == "qwen2":  # tied head, attention biases
-        return transformers.Qwen2Config(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=max_positions,
-            tie_word_embeddings=True,
-            **ids,
+    elif family == "qwen2":  # tied head, attention biases
+        cls, fields = (
+            transformers.Qwen2Config,
+            {**decoder, "num_key_value_heads": 1, "tie_word_embeddings": True},
         )
-    if family == "gpt2":
+    elif family == "gpt2":
         # tied head, learned absolute positions (a hard limit: n_positions). Dropout off: GPT-2's default 0.1
         # draws other masks on 2 ranks than on 1 process, so profiles could not be compared
-        return transformers.GPT2Config(
-            vocab_size=vocab,
-            n_embd=32,
-            n_layer=2,
-            n_head=2,
-            n_positions=max_positions,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            tie_word_embeddings=True,
-            **ids,
-        )
-    if family == "gpt_neox":  # decoder layer class GPTNeoXLayer, untied head, partial rotary
-        return transformers.GPTNeoXConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=max_positions,
-            tie_word_embeddings=False,
-            **ids,
-        )
-    raise ValueError(family)
+        cls = transformers.GPT2Config
+        fields = {
+            "n_embd": 32,
+            "n_layer": 2,
+            "n_head": 2,
+            "n_positions": max_positions,
+            "tie_word_embeddings": True,
+        }
+        fields |= {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    elif family == "gpt_neox":  # decoder layer class GPTNeoXLayer, untied head, partial rotary
+        cls, fields = transformers.GPTNeoXConfig, {**decoder, "tie_word_embeddings": False}
+    else:
+        raise ValueError(family)
+    return cls(**{**common, **fields, **sizes})
 
 
 def save_pretrained_dir(path: Path, family: str, tokenizer, seed: int = 0, **config_kwargs) -> Path:

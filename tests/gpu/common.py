@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, _free_port, env_for_subprocess, run_train, train_rows
+from conftest import REPO, TINY, _free_port, env_for_subprocess, run_train, save_pretrained_dir, train_rows
 from test_guards import nan_row, write_tiny_llama
 from test_peft import write_capitals
 
@@ -166,29 +166,19 @@ def qlora_base(root: Path) -> tuple[Path, Path]:
     """(model directory, alpaca data): tests/test_peft.py's words-in-capitals data, on a Qwen2 of 45M
     parameters, so that its weights (180 MB in fp32, ~25 MB in 4-bit), not the CUDA libraries' workspaces,
     decide the peak memory of the QLoRA and LoRA runs."""
-    import transformers
-
     from dtrain.tasks import build_char_tokenizer
 
-    tok = build_char_tokenizer()
     data = write_capitals(root / "alpaca.jsonl")
-    config = transformers.Qwen2Config(
-        vocab_size=-(-len(tok) // 64) * 64,
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=4,
-        num_attention_heads=8,
+    sizes = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 4, "num_attention_heads": 8}
+    save_pretrained_dir(
+        root / "model",
+        "qwen2",
+        build_char_tokenizer(),
+        seed=7,
+        max_positions=512,
         num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+        **sizes,
     )
-    torch.manual_seed(7)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
     return root / "model", data
 
 
